@@ -1,0 +1,32 @@
+# Two entry points that do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# CI pins the CPU build of torch that lies on local disk; on a GPU machine with torch already
+# installed, set TORCH_SPEC= (empty) to keep the existing build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(if $(TORCH_SPEC),$(PY) -m pip install -q "$(TORCH_SPEC)")
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/megatron-dyt info configs/tiny-dyt.yaml --build
+
+test: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,338 @@
+"""Typed run configuration: one pydantic tree loaded from YAML, with dotted command-line overrides.
+
+The config is the single source of truth: the model, the parallel layout, the DeepSpeed JSON and
+the run folder are all derived from it. Every model forbids unknown keys, so a typo is an error
+that names the key and suggests the nearest valid one instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key, the value and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+NormKind = Literal["rmsnorm", "layernorm", "dyt", "derf"]
+Squash = Literal["tanh", "hardtanh", "sigmoid", "identity"]
+NormSite = Literal["attention", "mlp", "final"]
+
+
+class NormConfig(_Section):
+    """Which normalization every site of the model gets (DESIGN.md §1)."""
+
+    kind: NormKind = "rmsnorm"
+    # DyT/Derf α₀ per site; the paper's LLaMA recipe: attention uses α₀ᵃᵗᵗⁿ, mlp and final α₀ᵒᵗʰᵉʳ.
+    alpha_attn: float = 0.5
+    alpha_mlp: float = 0.5
+    alpha_final: float = 0.5
+    beta: bool = True  # DyT/Derf shift β; the paper drops it for LLaMA
+    learnable_alpha: bool = True
+    squash: Squash = "tanh"  # DyT only: the paper's squashing-function ablation
+    derf_shift: float = 0.0  # Derf's learnable s, initial value s₀
+    eps: float = 1e-5  # RMSNorm / LayerNorm
+    backend: Literal["torch"] = "torch"
+
+    def alpha(self, site: NormSite) -> float:
+        return {"attention": self.alpha_attn, "mlp": self.alpha_mlp, "final": self.alpha_final}[
+            site
+        ]
+
+    @model_validator(mode="after")
+    def _check(self) -> NormConfig:
+        for key in ("alpha_attn", "alpha_mlp", "alpha_final"):
+            value = getattr(self, key)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{key}={value!r}: α₀ must be a finite number > 0")
+        if self.kind == "derf" and self.squash != "tanh":
+            raise ValueError(
+                f"squash={self.squash!r} applies to kind 'dyt' only; Derf always squashes with erf"
+            )
+        if self.eps <= 0:
+            raise ValueError(f"eps={self.eps!r}: must be > 0")
+        return self
+
+
+class InitConfig(_Section):
+    std: float = Field(0.02, gt=0)
+    # Output projections of attention and MLP get std / sqrt(2 * num_layers) (GPT-2 / Megatron).
+    scaled_output_init: bool = True
+    # Generate every full weight from a per-tensor seed, then take this rank's slice: the same
+    # model at any TP/PP layout for the same seed. Off: each rank draws only its own slice.
+    layout_invariant: bool = True
+
+
+class ModelConfig(_Section):
+    name: str = "llama"
+    hidden_size: int = Field(4096, gt=0)
+    num_layers: int = Field(32, gt=0)
+    num_heads: int = Field(32, gt=0)
+    num_kv_heads: int | None = Field(None, gt=0)  # None: same as num_heads (no GQA)
+    ffn_hidden_size: int = Field(11008, gt=0)
+    vocab_size: int = Field(32000, gt=0)
+    # The embedding table and output head are padded to a multiple of lcm(this, TP size).
+    make_vocab_size_divisible_by: int = Field(128, gt=0)
+    seq_length: int = Field(4096, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    embedding_scale: bool = False  # learnable scalar on the embeddings, initialised to √d
+    attention_backend: Literal["auto", "sdpa", "flash"] = "auto"
+    norm: NormConfig = Field(default_factory=NormConfig)
+    init: InitConfig = Field(default_factory=InitConfig)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
+            )
+        if self.num_heads % self.kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.kv_heads}"
+                " (grouped-query attention needs whole groups)"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        return self
+
+
+class ParallelConfig(_Section):
+    tensor: int = Field(1, ge=1)
+    pipeline: int = Field(1, ge=1)
+    sequence_parallel: bool = False  # CUDA only (megatron-core's sequence-parallel ops)
+    zero_stage: Literal[0, 1, 2, 3] = 1
+
+
+class TrainConfig(_Section):
+    seed: int = 1234
+    micro_batch_size: int = Field(1, ge=1)
+    global_batch_tokens: int = Field(4 * 1024 * 1024, ge=1)
+    train_steps: int = Field(50000, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int | None = Field(None, ge=0)  # None: min(2000, train_steps // 20)
+    weight_decay: float = Field(0.1, ge=0)
+    weight_decay_policy: Literal["all", "matrices"] = "all"
+    dyt_lr_multiplier: float = Field(1.0, gt=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.95, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+
+
+class DataConfig(_Section):
+    tokenizer: str | None = None
+    paths: list[str] = Field(default_factory=list)
+    weights: list[float] | None = None
+    split: str = "98,2,0"
+
+
+class EvalConfig(_Section):
+    suite: str = "quick"
+    every_n_steps: int = Field(0, ge=0)
+    batch_size: int = Field(8, ge=1)
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check_layout(self) -> Config:
+        m, p = self.model, self.parallel
+        if m.num_heads % p.tensor:
+            raise ValueError(
+                f"model.num_heads={m.num_heads} is not divisible by parallel.tensor={p.tensor};"
+                " every tensor-parallel rank needs whole attention heads"
+            )
+        if m.kv_heads % p.tensor:
+            raise ValueError(
+                f"model.num_kv_heads={m.kv_heads} is not divisible by parallel.tensor={p.tensor};"
+                " every tensor-parallel rank needs whole key/value heads"
+            )
+        if m.ffn_hidden_size % p.tensor:
+            raise ValueError(
+                f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by"
+                f" parallel.tensor={p.tensor}"
+            )
+        if m.num_layers % p.pipeline:
+            raise ValueError(
+                f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={p.pipeline};"
+                " every pipeline stage needs the same number of blocks"
+            )
+        if p.pipeline > 1 and p.zero_stage > 1:
+            raise ValueError(
+                f"parallel.zero_stage={p.zero_stage} cannot be combined with"
+                f" parallel.pipeline={p.pipeline}: DeepSpeed's pipeline engine supports ZeRO"
+                " stage 0 or 1 only (use zero_stage 0/1, or pipeline 1 for ZeRO-2/3)"
+            )
+        if p.sequence_parallel and p.tensor == 1:
+            raise ValueError(
+                "parallel.sequence_parallel=true needs parallel.tensor > 1 (it splits the"
+                " sequence over the tensor-parallel ranks)"
+            )
+        return self
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def padded_vocab_size(self) -> int:
+        """Vocab rounded up so each TP rank holds an equal, aligned slice (megatron-core needs it)."""
+        multiple = math.lcm(self.model.make_vocab_size_divisible_by, self.parallel.tensor)
+        return -(-self.model.vocab_size // multiple) * multiple
+
+    @property
+    def warmup_steps(self) -> int:
+        t = self.train
+        return t.warmup_steps if t.warmup_steps is not None else min(2000, t.train_steps // 20)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+# ---- loading --------------------------------------------------------------------------------
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        keys.append(path)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_known_keys(ann, path + "."))
+    return keys
+
+
+def _suggest(key: str) -> str:
+    known = _known_keys(Config)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not close:  # a typo in the last part only: compare leaf names within the same section
+        parent, _, leaf = key.rpartition(".")
+        siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
+        leaf_match = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.5)
+        close = [f"{parent}.{leaf_match[0]}" if parent else leaf_match[0]] if leaf_match else []
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'{_suggest(key)}")
+        elif err["type"] == "value_error":
+            lines.append(f"{key + ': ' if key else ''}{msg}")
+        else:
+            lines.append(f"{key}={err.get('input')!r}: {msg}")
+    return f"invalid config {source}:\n  " + "\n  ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not KEY=VALUE (e.g. model.norm.alpha_attn=0.5)")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key; use dotted keys like train.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.problem})") from None
+    return key.split("."), value
+
+
+def _apply_override(tree: dict[str, Any], path: list[str], value: Any, text: str) -> None:
+    model: type[BaseModel] | None = Config
+    node = tree
+    for i, part in enumerate(path):
+        dotted = ".".join(path[: i + 1])
+        if model is None or part not in model.model_fields:
+            raise ConfigError(f"override {text!r}: unknown key '{dotted}'{_suggest(dotted)}")
+        ann = model.model_fields[part].annotation
+        is_section = isinstance(ann, type) and issubclass(ann, BaseModel)
+        if i == len(path) - 1:
+            if is_section:
+                raise ConfigError(
+                    f"override {text!r}: '{dotted}' is a section; set one of its keys"
+                )
+            node[part] = value
+            return
+        if not is_section:
+            raise ConfigError(f"override {text!r}: '{dotted}' is a value, not a section")
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"'{dotted}' must be a mapping, got {child!r}")
+        node, model = child, ann
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Load a YAML config (or the defaults) and apply `a.b.c=value` overrides."""
+    tree: dict[str, Any] = {}
+    source = "(defaults)"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(
+                f"config file '{path}' must hold a mapping, got {type(tree).__name__}"
+            )
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply_override(tree, key, value, text)
+    return config_from_dict(tree, source)
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "(dict)") -> Config:
+    try:
+        cfg = Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
+    if cfg.padded_vocab_size != cfg.model.vocab_size:
+        warnings.warn(
+            f"model.vocab_size={cfg.model.vocab_size} padded to {cfg.padded_vocab_size} (a multiple"
+            f" of lcm(model.make_vocab_size_divisible_by={cfg.model.make_vocab_size_divisible_by},"
+            f" parallel.tensor={cfg.parallel.tensor})); the extra rows match no token",
+            VocabPaddedWarning,
+            stacklevel=2,
+        )
+    return cfg
+
+
+class VocabPaddedWarning(UserWarning):
+    """The vocabulary was padded for tensor parallelism."""

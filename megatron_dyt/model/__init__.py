@@ -1,0 +1,31 @@
+"""LLaMA with megatron-core tensor parallelism and a pluggable norm at every site."""
+
+from megatron_dyt.model.init import (
+    canonical_parameters,
+    full_state_dict,
+    init_weights,
+    load_full_state_dict,
+)
+from megatron_dyt.model.llama import (
+    EmbeddingStage,
+    LlamaModel,
+    OutputStage,
+    TransformerBlock,
+    lm_loss,
+    pipeline_module,
+    stage_layers,
+)
+
+__all__ = [
+    "EmbeddingStage",
+    "LlamaModel",
+    "OutputStage",
+    "TransformerBlock",
+    "canonical_parameters",
+    "full_state_dict",
+    "init_weights",
+    "lm_loss",
+    "load_full_state_dict",
+    "pipeline_module",
+    "stage_layers",
+]

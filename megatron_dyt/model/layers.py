@@ -1,0 +1,79 @@
+"""Construction helpers shared by the model's modules: megatron-core's layer config and TP layers."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.model_parallel_config import ModelParallelConfig
+
+from megatron_dyt.config import Config
+from megatron_dyt.parallel import mark_sharded, tp_group
+
+
+def megatron_config(cfg: Config, params_dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
+    # Weights are allocated on the current default device (meta, CPU or CUDA) and initialised by
+    # `megatron_dyt.model.init`, not by megatron-core, so every layout starts from the same model.
+    return ModelParallelConfig(
+        tensor_model_parallel_size=cfg.parallel.tensor,
+        pipeline_model_parallel_size=cfg.parallel.pipeline,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+    )
+
+
+def _no_init(_: torch.Tensor) -> None:
+    """megatron-core wants an init method; ours runs later (`model.init.init_weights`)."""
+
+
+def column_parallel(
+    mcfg: ModelParallelConfig, in_features: int, out_features: int, stride: int = 1
+) -> tensor_parallel.ColumnParallelLinear:
+    layer = tensor_parallel.ColumnParallelLinear(
+        in_features,
+        out_features,
+        config=mcfg,
+        init_method=_no_init,
+        bias=False,
+        gather_output=False,
+        stride=stride,
+        tp_group=tp_group(),
+    )
+    mark_sharded(layer.weight, dim=0, stride=stride)
+    return layer
+
+
+def row_parallel(
+    mcfg: ModelParallelConfig, in_features: int, out_features: int
+) -> tensor_parallel.RowParallelLinear:
+    layer = tensor_parallel.RowParallelLinear(
+        in_features,
+        out_features,
+        config=mcfg,
+        init_method=_no_init,
+        bias=False,
+        input_is_parallel=True,
+        skip_bias_add=True,
+        tp_group=tp_group(),
+    )
+    mark_sharded(layer.weight, dim=1)
+    return layer
+
+
+def vocab_parallel_embedding(
+    mcfg: ModelParallelConfig, vocab: int, hidden: int
+) -> tensor_parallel.VocabParallelEmbedding:
+    layer = tensor_parallel.VocabParallelEmbedding(
+        vocab,
+        hidden,
+        init_method=_no_init,
+        reduce_scatter_embeddings=mcfg.sequence_parallel,
+        config=mcfg,
+        tp_group=tp_group(),
+    )
+    mark_sharded(layer.weight, dim=0)
+    return layer

@@ -1,0 +1,170 @@
+"""The LLaMA model as a list of stage layers: embedding → blocks → final norm + head.
+
+The same modules make the unsplit `LlamaModel` and a DeepSpeed `PipelineModule`; each carries a
+`canonical_prefix`, so a parameter has one name (`layers.7.mlp.down.weight`) at every TP/PP layout.
+Activations are sequence-first, [s, b, h], as megatron-core's sequence parallelism needs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from megatron.core import tensor_parallel
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron_dyt.config import Config
+from megatron_dyt.model.attention import Attention
+from megatron_dyt.model.layers import column_parallel, megatron_config, vocab_parallel_embedding
+from megatron_dyt.model.mlp import SwiGLU
+from megatron_dyt.norms import build_norm
+from megatron_dyt.parallel import mark_replicated
+
+
+def _check_device(cfg: Config) -> None:
+    if cfg.parallel.sequence_parallel and not torch.cuda.is_available():
+        raise ValueError(
+            "parallel.sequence_parallel=true needs CUDA: megatron-core's sequence-parallel ops"
+            " do not run on CPU; set parallel.sequence_parallel=false"
+        )
+
+
+class EmbeddingStage(nn.Module):
+    """Token embeddings (vocab-parallel), times a learnable scalar initialised to √d if enabled."""
+
+    canonical_prefix = "embedding."
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        _check_device(cfg)
+        self.hidden_size = cfg.model.hidden_size
+        self.sequence_parallel = cfg.parallel.sequence_parallel
+        self.word = vocab_parallel_embedding(
+            megatron_config(cfg), cfg.padded_vocab_size, cfg.model.hidden_size
+        )
+        self.scale = nn.Parameter(torch.empty(1)) if cfg.model.embedding_scale else None
+        self.reset_parameters()
+        mark_replicated(self, cfg.parallel.sequence_parallel)
+
+    def reset_parameters(self) -> None:
+        if self.scale is not None:
+            with torch.no_grad():
+                self.scale.fill_(math.sqrt(self.hidden_size))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # tokens [b, s] -> [s, b, h]; with sequence parallelism megatron transposes and
+        # reduce-scatters to this rank's [s/tp, b, h] slice itself.
+        x = self.word(tokens if self.sequence_parallel else tokens.t().contiguous())
+        if self.scale is not None:
+            x = x * self.scale.to(x.dtype)
+        return x
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attn(norm_attn(x)), then h + mlp(norm_mlp(h))."""
+
+    def __init__(self, cfg: Config, layer_number: int):
+        super().__init__()
+        _check_device(cfg)
+        self.layer_number = layer_number
+        self.canonical_prefix = f"layers.{layer_number}."
+        recompute = cfg.train.activation_checkpointing
+        self.recompute_block = recompute == "full"
+        mcfg = megatron_config(cfg)
+        h = cfg.model.hidden_size
+        self.attention_norm = build_norm("attention", h, cfg.model.norm)
+        self.attention = Attention(cfg, mcfg, recompute_core=recompute == "selective")
+        self.mlp_norm = build_norm("mlp", h, cfg.model.norm)
+        self.mlp = SwiGLU(cfg, mcfg)
+        mark_replicated(self, cfg.parallel.sequence_parallel)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x))
+        return h + self.mlp(self.mlp_norm(h))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute_block and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+
+class OutputStage(nn.Module):
+    """Final norm and the untied output head; returns vocab-parallel logits [s, b, v/tp]."""
+
+    canonical_prefix = "output."
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        _check_device(cfg)
+        self.norm = build_norm("final", cfg.model.hidden_size, cfg.model.norm)
+        self.head = column_parallel(
+            megatron_config(cfg), cfg.model.hidden_size, cfg.padded_vocab_size
+        )
+        mark_replicated(self, cfg.parallel.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.head(self.norm(x))
+        return logits
+
+
+def lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean next-token cross-entropy from vocab-parallel logits [s, b, v/tp] and labels [b, s]."""
+    losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous())
+    if loss_mask is None:
+        return losses.mean()
+    mask = loss_mask.t().to(losses.dtype)
+    return (losses * mask).sum() / mask.sum().clamp_min(1)
+
+
+def stage_layers(cfg: Config) -> list[tuple[type[nn.Module], tuple[Any, ...]]]:
+    """The model as (class, args) pairs, ready to wrap in DeepSpeed `LayerSpec`s."""
+    return [
+        (EmbeddingStage, (cfg,)),
+        *[(TransformerBlock, (cfg, i)) for i in range(cfg.model.num_layers)],
+        (OutputStage, (cfg,)),
+    ]
+
+
+def pipeline_module(cfg: Config, topology: Any, **kwargs: Any) -> nn.Module:
+    """A DeepSpeed `PipelineModule` of the stage layers, blocks spread evenly over the stages.
+
+    megatron-core's `parallel_state` must already be initialised: the TP layers are built inside
+    this constructor and would otherwise come out unsharded.
+    """
+    from deepspeed.pipe import LayerSpec, PipelineModule
+
+    return PipelineModule(
+        layers=[LayerSpec(cls, *args) for cls, args in stage_layers(cfg)],
+        loss_fn=lm_loss,
+        topology=topology,
+        partition_method="type:TransformerBlock",
+        checkpointable_layers=["TransformerBlock"],
+        **kwargs,
+    )
+
+
+class LlamaModel(nn.Module):
+    """The unsplit model (pipeline parallel 1): same modules, run in order."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.config = cfg
+        self.embedding = EmbeddingStage(cfg)
+        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.model.num_layers))
+        self.output = OutputStage(cfg)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = self.embedding(tokens)
+        for layer in self.layers:
+            x = layer(x)
+        logits = self.output(x)
+        return logits if labels is None else lm_loss(logits, labels, loss_mask)

@@ -1,0 +1,183 @@
+"""Process groups and the tensor-parallel bookkeeping the model and trainer share.
+
+megatron-core's `parallel_state` owns the groups; its default order (TP fastest, then DP, then
+PP) is the order DeepSpeed's `PipeModelDataParallelTopology` uses too (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_dyt.config import ParallelConfig
+
+
+def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> None:
+    """Join the job's process group, or make a one-process group when not launched by torchrun.
+
+    megatron-core's layers need a process group even at TP=1, so single-process use (the `info`
+    command, a notebook, a unit test) gets a private in-memory one.
+    """
+    if dist.is_initialized():
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        store = dist.HashStore()
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+
+
+def initialize_model_parallel(parallel: ParallelConfig) -> None:
+    """Create the TP/PP/DP groups for this job's layout (world = TP × PP × DP)."""
+    from megatron.core import parallel_state
+
+    world = dist.get_world_size()
+    model_parallel = parallel.tensor * parallel.pipeline
+    if world % model_parallel:
+        raise ValueError(
+            f"world size {world} is not divisible by parallel.tensor × parallel.pipeline ="
+            f" {parallel.tensor} × {parallel.pipeline}; launch a multiple of {model_parallel}"
+            " processes"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        create_gloo_process_groups=False,
+    )
+
+
+def setup(parallel: ParallelConfig, backend: str | None = None) -> None:
+    init_distributed(backend)
+    initialize_model_parallel(parallel)
+
+
+def teardown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def tp_group() -> dist.ProcessGroup:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def tp_rank() -> int:
+    return dist.get_rank(tp_group())
+
+
+def tp_size() -> int:
+    return dist.get_world_size(tp_group())
+
+
+# ---- tensor-parallel attributes ----------------------------------------------------------------
+# A sharded parameter carries megatron-core's attributes `tensor_model_parallel`,
+# `partition_dim` and `partition_stride`; DeepSpeed's and megatron's grad-norm code read them to
+# count each shard once. Everything else is replicated over TP and carries `sequence_parallel`
+# when its gradient must be summed over the TP group.
+
+
+def mark_sharded(param: torch.Tensor, dim: int, stride: int = 1) -> None:
+    param.tensor_model_parallel = True
+    param.partition_dim = dim
+    param.partition_stride = stride
+
+
+def is_sharded(param: torch.Tensor) -> bool:
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+def mark_replicated(module: nn.Module, sequence_parallel: bool) -> None:
+    """Mark every parameter that is not TP-sharded as TP-replicated.
+
+    Under sequence parallelism each TP rank normalises a different slice of tokens, so the
+    gradients of these parameters (norm γ/β/α, the embedding scale) are partial sums that the
+    trainer must all-reduce over the TP group (`allreduce_sequence_parallel_grads`).
+    """
+    for param in module.parameters():
+        if not is_sharded(param):
+            param.tensor_model_parallel = False
+            param.sequence_parallel = sequence_parallel
+
+
+def allreduce_sequence_parallel_grads(params: Iterable[nn.Parameter], group=None) -> None:
+    """Sum the gradients of sequence-parallel replicated parameters over the TP group."""
+    grads = [
+        p.grad for p in params if getattr(p, "sequence_parallel", False) and p.grad is not None
+    ]
+    if not grads:
+        return
+    group = group if group is not None else tp_group()
+    if dist.get_world_size(group) == 1:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def split_shard(full: torch.Tensor, dim: int, stride: int, rank: int, size: int) -> torch.Tensor:
+    """This rank's slice of a full tensor, the way megatron-core lays strided shards out.
+
+    With stride s the tensor is s blocks along `dim` (e.g. [gate; up]); each block is cut into
+    `size` pieces and rank r takes piece r of every block.
+    """
+    if full.shape[dim] % (stride * size):
+        raise ValueError(
+            f"dimension {dim} of size {full.shape[dim]} cannot be split into {stride} × {size} parts"
+        )
+    pieces = torch.chunk(full, stride * size, dim=dim)
+    return torch.cat(pieces[rank::size], dim=dim)
+
+
+def merge_shards(shards: Sequence[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """Inverse of `split_shard`: the full tensor from every rank's slice, in rank order."""
+    per_rank = [torch.chunk(s, stride, dim=dim) for s in shards]
+    return torch.cat([per_rank[r][b] for b in range(stride) for r in range(len(shards))], dim=dim)
+
+
+def gather_full(tensor: torch.Tensor, like: torch.Tensor, group=None) -> torch.Tensor:
+    """All-gather a TP-sharded tensor (a parameter or its gradient) into the full tensor."""
+    if not is_sharded(like):
+        return tensor
+    group = group if group is not None else tp_group()
+    shards = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(shards, tensor.contiguous(), group=group)
+    return merge_shards(shards, like.partition_dim, like.partition_stride)
+
+
+def init_deepspeed_comm() -> None:
+    """Let DeepSpeed adopt the existing process group.
+
+    On CPU DeepSpeed would JIT-build its shared-memory collective op at start-up (~30 s, and a
+    C++ toolchain); gloo is what the CPU path uses, so the op is marked unavailable first.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if not torch.cuda.is_available():
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is not None:
+            deepspeed.ops.__compatible_ops__[builder.NAME] = False
+    init_distributed()
+    deepspeed.init_distributed(
+        dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False
+    )

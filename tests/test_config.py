@@ -1,0 +1,207 @@
+"""Config loading, overrides, round trips and the validation errors users see."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_dyt.cli import main
+from megatron_dyt.config import Config, ConfigError, VocabPaddedWarning, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_presets_exist():
+    names = {p.stem for p in PRESETS}
+    for size in ("7b", "13b", "34b", "70b"):
+        assert {f"llama-{size}-dyt", f"llama-{size}-rmsnorm"} <= names
+    assert {"tiny-dyt", "tiny-rmsnorm"} <= names
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_round_trip(path, tmp_path):
+    cfg = load_config(path)
+    text = cfg.to_yaml()
+    dumped = tmp_path / "dump.yaml"
+    dumped.write_text(text)
+    again = load_config(dumped)
+    assert again == cfg
+    assert again.to_yaml() == text  # the dump is a fixed point, key order included
+
+    # Every key the preset wrote survives with its value.
+    def leaves(tree, prefix=""):
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                yield from leaves(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    full = dict(leaves(yaml.safe_load(text)))
+    for key, value in leaves(yaml.safe_load(path.read_text())):
+        assert full[key] == value, key
+
+
+def test_paper_recipe_in_dyt_presets():
+    expected = {
+        "7b": (0.8, 0.2, 3e-4),
+        "13b": (0.6, 0.15, 3e-4),
+        "34b": (0.2, 0.05, 1.5e-4),
+        "70b": (0.2, 0.05, 1.5e-4),
+    }
+    for size, (a_attn, a_other, lr) in expected.items():
+        cfg = load_config(ROOT / f"configs/llama-{size}-dyt.yaml")
+        n = cfg.model.norm
+        assert (n.kind, n.alpha_attn, n.alpha_mlp, n.alpha_final, n.beta) == (
+            "dyt",
+            a_attn,
+            a_other,
+            a_other,
+            False,
+        )
+        assert cfg.model.embedding_scale and cfg.train.lr == lr
+        assert cfg.train.weight_decay_policy == "all"
+        twin = load_config(ROOT / f"configs/llama-{size}-rmsnorm.yaml")
+        assert twin.model.norm.kind == "rmsnorm" and not twin.model.embedding_scale
+        assert twin.model.model_dump(
+            exclude={"norm", "embedding_scale", "name"}
+        ) == cfg.model.model_dump(exclude={"norm", "embedding_scale", "name"})
+        assert twin.parallel == cfg.parallel
+        assert 8 % (cfg.parallel.tensor) == 0  # TP stays inside an 8-GPU node
+
+
+def test_overrides():
+    cfg = load_config(
+        ROOT / "configs/llama-7b-dyt.yaml",
+        [
+            "model.norm.alpha_attn=0.5",
+            "train.lr=1e-4",
+            "parallel.tensor=4",
+            "model.norm.squash=hardtanh",
+            "data.paths=[a, b]",
+        ],
+    )
+    assert cfg.model.norm.alpha_attn == 0.5
+    assert cfg.train.lr == 1e-4
+    assert cfg.parallel.tensor == 4
+    assert cfg.model.norm.squash == "hardtanh"
+    assert cfg.data.paths == ["a", "b"]
+
+
+def test_warmup_default_follows_the_paper():
+    assert load_config(None, ["train.train_steps=100000"]).warmup_steps == 2000
+    assert load_config(None, ["train.train_steps=1000"]).warmup_steps == 50
+    assert load_config(None, ["train.warmup_steps=7"]).warmup_steps == 7
+
+
+def test_vocab_is_padded_with_a_notice():
+    with pytest.warns(VocabPaddedWarning, match="model.vocab_size=32001 padded to 32128"):
+        cfg = load_config(None, ["model.vocab_size=32001"])
+    assert cfg.padded_vocab_size == 32128
+    # 32000 already divides by lcm(128, 8): no padding, published parameter counts hold.
+    assert load_config(None, ["parallel.tensor=8"]).padded_vocab_size == 32000
+    with pytest.warns(VocabPaddedWarning):
+        cfg = load_config(
+            None,
+            [
+                "model.vocab_size=1000",
+                "model.make_vocab_size_divisible_by=1",
+                "parallel.tensor=3",
+                "model.num_heads=33",
+                "model.hidden_size=4224",
+                "model.ffn_hidden_size=3000",
+            ],
+        )
+    assert cfg.padded_vocab_size == 1002
+
+
+BAD = [
+    (["model.hiden_size=10"], "unknown key 'model.hiden_size' (did you mean 'model.hidden_size'?)"),
+    (["model.norm.alpha_atn=0.3"], "did you mean 'model.norm.alpha_attn'?"),
+    (["parallel.tensor=3"], "model.num_heads=32 is not divisible by parallel.tensor=3"),
+    (
+        ["model.num_kv_heads=4", "parallel.tensor=8"],
+        "model.num_kv_heads=4 is not divisible by parallel.tensor=8",
+    ),
+    (["parallel.pipeline=5"], "model.num_layers=32 is not divisible by parallel.pipeline=5"),
+    (
+        ["parallel.pipeline=2", "parallel.zero_stage=2"],
+        "parallel.zero_stage=2 cannot be combined with parallel.pipeline=2",
+    ),
+    (["parallel.pipeline=2", "parallel.zero_stage=3"], "supports ZeRO stage 0 or 1 only"),
+    (["model.norm.alpha_attn=0"], "alpha_attn=0.0: α₀ must be a finite number > 0"),
+    (["model.norm.alpha_mlp=-0.5"], "alpha_mlp=-0.5: α₀ must be a finite number > 0"),
+    (["model.norm.squash=relu"], "model.norm.squash='relu': Input should be 'tanh'"),
+    (["model.norm.kind=batchnorm"], "model.norm.kind='batchnorm'"),
+    (["parallel.zero_stage=4"], "parallel.zero_stage=4"),
+    (["parallel.sequence_parallel=true"], "sequence_parallel=true needs parallel.tensor > 1"),
+    (["model.hidden_size=100"], "hidden_size=100 is not divisible by num_heads=32"),
+    (["model.norm=3"], "'model.norm' is a section"),
+    (["train.lr"], "is not KEY=VALUE"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[b[1][:40] for b in BAD])
+def test_invalid_configs_name_the_key_and_value(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs/llama-7b-dyt.yaml", overrides)
+    assert message in str(err.value)
+
+
+def test_unknown_key_in_a_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  num_layer: 4\ntrian:\n  lr: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    text = str(err.value)
+    assert "unknown key 'model.num_layer' (did you mean 'model.num_layers'?)" in text
+    assert "unknown key 'trian' (did you mean 'train'?)" in text
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("model: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+
+
+@pytest.mark.parametrize("overrides,message", BAD[:9], ids=[b[1][:40] for b in BAD[:9]])
+def test_cli_reports_config_errors_without_traceback(overrides, message, capsys):
+    code = main(["info", str(ROOT / "configs/llama-7b-dyt.yaml"), *overrides])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_cli_process_exit_code_and_clean_stderr(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_dyt",
+            "info",
+            str(ROOT / "configs/llama-7b-dyt.yaml"),
+            "parallel.pipeline=2",
+            "parallel.zero_stage=3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "parallel.zero_stage=3 cannot be combined with parallel.pipeline=2" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_defaults_are_valid():
+    assert Config() == load_config(None)
