@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Builds the demo corpus and tokenizer (cached under .cache/), then trains the tiny DyT model
+# from scratch on CPU in runs/demo (a few minutes on 2 cores).
 demo: install
-	$(VENV)/bin/megatron-dyt info configs/tiny-dyt.yaml --build
+	rm -rf runs/demo
+	$(VENV)/bin/megatron-dyt train configs/tiny-dyt.yaml --run-dir runs/demo
 
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q

@@ -1,12 +1,14 @@
-"""The `megatron-dyt` command. Subcommands: info (more arrive with training, eval, launch, convert)."""
+"""The `megatron-dyt` command: info, data, train (eval, launch and convert arrive later)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
+from pathlib import Path
 
 
 def _quiet_imports() -> None:
@@ -77,6 +79,37 @@ def _smoke_test(cfg, parameters: int) -> dict:
     }
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from megatron_dyt.config import load_config
+    from megatron_dyt.training.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
+    result = train(
+        cfg, run_dir, allow_config_change=args.allow_config_change, progress=not args.no_progress
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_train_summary(result)
+    return 0
+
+
+def _print_train_summary(result) -> None:
+    losses = result.losses
+    if not losses:
+        print(f"nothing to do: {result.run_dir} is already trained to step {result.step}")
+        return
+    steps = sorted(losses)
+    marks = sorted({steps[0], *steps[len(steps) // 4 :: max(1, len(steps) // 4)], steps[-1]})
+    print(f"\nloss curve ({result.run_dir}):")
+    for s in marks:
+        valid = result.valid_losses.get(s)
+        print(f"  step {s:>6}  loss {losses[s]:.4f}" + (f"  valid {valid:.4f}" if valid else ""))
+    if result.checkpoint:
+        print(f"checkpoint: {result.checkpoint}")
+    print(f"metrics:    {result.run_dir / 'metrics.jsonl'}")
+    print(f"tensorboard --logdir {result.run_dir / 'tensorboard'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-dyt",
@@ -108,14 +141,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="also build the model on CPU and run forward+backward once",
     )
     info.set_defaults(func=cmd_info)
+
+    train = sub.add_parser(
+        "train",
+        help="pretrain (or resume) a model with DeepSpeed",
+        description="Train the model a config describes. Launch with torchrun for several"
+        " processes; running the same command again resumes from the run folder's latest"
+        " checkpoint.",
+    )
+    train.add_argument("config", metavar="CONFIG")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    train.add_argument("--run-dir", help="run folder (default: runs/<config file name>)")
+    train.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume a run folder whose saved config differs from this one",
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
+    from megatron_dyt.data.cli import add_data_commands
+
+    add_data_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_imports()
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     warnings.showwarning = _show_warning
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may also come after options (`train CFG --run-dir R a.b=1`).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from megatron_dyt.config import ConfigError
 
     try:
@@ -123,6 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"megatron-dyt: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from megatron_dyt.training.trainer import TrainingError
+
+        if not isinstance(exc, TrainingError):
+            raise
+        print(f"megatron-dyt: error: {exc}", file=sys.stderr)
+        return 1
     except (ValueError, KeyError, FileNotFoundError) as exc:
         print(f"megatron-dyt: error: {exc}", file=sys.stderr)
         return 2

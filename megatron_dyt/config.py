@@ -120,6 +120,8 @@ class ParallelConfig(_Section):
     pipeline: int = Field(1, ge=1)
     sequence_parallel: bool = False  # CUDA only (megatron-core's sequence-parallel ops)
     zero_stage: Literal[0, 1, 2, 3] = 1
+    # ZeRO-3 keeps parameters smaller than this unpartitioned (DeepSpeed's default).
+    zero3_param_persistence_threshold: int = Field(100_000, ge=0)
 
 
 class TrainConfig(_Section):
@@ -139,13 +141,46 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, ge=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    log_interval: int = Field(1, ge=1)  # steps between metrics.jsonl / TensorBoard records
+    save_interval: int = Field(1000, ge=0)  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = Field(3, ge=1)  # the newest K checkpoints are kept
+    eval_interval: int = Field(1000, ge=0)  # steps between validation losses (0: never)
+    eval_samples: int = Field(64, ge=1)  # validation sequences per evaluation
+    peak_tflops: float | None = Field(None, gt=0)  # per-GPU peak for MFU; None: known GPUs
+    wandb_project: str | None = None  # log to Weights & Biases too (if installed)
 
 
 class DataConfig(_Section):
-    tokenizer: str | None = None
-    paths: list[str] = Field(default_factory=list)
-    weights: list[float] | None = None
-    split: str = "98,2,0"
+    """Where training text comes from. `demo: true` uses the embedded corpus (no download)."""
+
+    demo: bool = False
+    tokenizer: str | None = None  # sentencepiece .model; the demo builds its own
+    paths: list[str] = Field(default_factory=list)  # indexed-dataset prefixes (no .bin/.idx)
+    weights: list[float] | None = None  # blend weights, one per path (None: proportional to size)
+    split: str = "98,2,0"  # train,valid,test shares of every dataset
+    cache_dir: str = ".cache/megatron-dyt"  # demo corpus, tokenizer and dataset index caches
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.weights is not None:
+            if len(self.weights) != len(self.paths):
+                raise ValueError(
+                    f"weights has {len(self.weights)} entries but paths has {len(self.paths)};"
+                    " give one weight per path"
+                )
+            if any(w < 0 for w in self.weights) or not any(w > 0 for w in self.weights):
+                raise ValueError(f"weights={self.weights}: must be >= 0 with at least one > 0")
+        parts = self.split.split(",")
+        try:
+            shares = [float(p) for p in parts]
+        except ValueError:
+            shares = []
+        if len(shares) != 3 or any(x < 0 for x in shares) or sum(shares) <= 0:
+            raise ValueError(
+                f"split={self.split!r}: expected three non-negative numbers 'train,valid,test'"
+                " such as '98,2,0'"
+            )
+        return self
 
 
 class EvalConfig(_Section):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -107,31 +107,26 @@ def mark_replicated(module: nn.Module, sequence_parallel: bool) -> None:
     """Mark every parameter that is not TP-sharded as TP-replicated.
 
     Under sequence parallelism each TP rank normalises a different slice of tokens, so the
-    gradients of these parameters (norm γ/β/α, the embedding scale) are partial sums that the
-    trainer must all-reduce over the TP group (`allreduce_sequence_parallel_grads`).
+    gradients of these parameters (norm γ/β/α, the embedding scale) are partial sums. A gradient
+    hook sums them over the TP group before they are accumulated, so every optimizer and ZeRO
+    stage sees the full gradient and the replicas stay identical.
     """
     for param in module.parameters():
-        if not is_sharded(param):
-            param.tensor_model_parallel = False
-            param.sequence_parallel = sequence_parallel
+        if is_sharded(param) or getattr(param, "sequence_parallel", None) is not None:
+            continue
+        param.tensor_model_parallel = False
+        param.sequence_parallel = sequence_parallel
+        if sequence_parallel and param.requires_grad:
+            param.register_hook(_sum_over_tensor_parallel)
 
 
-def allreduce_sequence_parallel_grads(params: Iterable[nn.Parameter], group=None) -> None:
-    """Sum the gradients of sequence-parallel replicated parameters over the TP group."""
-    grads = [
-        p.grad for p in params if getattr(p, "sequence_parallel", False) and p.grad is not None
-    ]
-    if not grads:
-        return
-    group = group if group is not None else tp_group()
+def _sum_over_tensor_parallel(grad: torch.Tensor) -> torch.Tensor:
+    group = tp_group()
     if dist.get_world_size(group) == 1:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+        return grad
+    grad = grad.clone()
+    dist.all_reduce(grad, group=group)
+    return grad
 
 
 def split_shard(full: torch.Tensor, dim: int, stride: int, rank: int, size: int) -> torch.Tensor:
@@ -170,6 +165,8 @@ def init_deepspeed_comm() -> None:
     On CPU DeepSpeed would JIT-build its shared-memory collective op at start-up (~30 s, and a
     C++ toolchain); gloo is what the CPU path uses, so the op is marked unavailable first.
     """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skips DeepSpeed's detection warning
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -178,6 +175,7 @@ def init_deepspeed_comm() -> None:
         if builder is not None:
             deepspeed.ops.__compatible_ops__[builder.NAME] = False
     init_distributed()
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set, even for one process
     deepspeed.init_distributed(
         dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False
     )

@@ -64,12 +64,16 @@ def _run_unsplit(cfg_dict: dict, tokens: torch.Tensor, full: dict | None, steps:
     }
     result["after_steps"] = full_state_dict(model)
 
-    # Sequence-parallel gradient reduction (its forward is CUDA-only; the reduction is not).
-    probe = torch.nn.Parameter(torch.zeros(3))
-    probe.sequence_parallel = True
-    probe.grad = torch.full((3,), float(parallel.tp_rank() + 1))
-    parallel.allreduce_sequence_parallel_grads([probe])
-    result["sp_grad"] = probe.grad.clone()
+    # Sequence-parallel gradient reduction (its forward is CUDA-only; the hook is not): each
+    # rank sees other tokens, and the marked parameter's gradient is summed over the TP pair.
+    from megatron_dyt.norms import DyT
+
+    norm = DyT(8, 0.5)
+    parallel.mark_replicated(norm, sequence_parallel=True)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(parallel.tp_rank()))
+    norm(x).pow(2).sum().backward()
+    result["sp_grads"] = {n: p.grad.clone() for n, p in norm.named_parameters()}
+    result["sp_input"] = x
     return result
 
 
@@ -159,7 +163,18 @@ def test_tensor_parallel_equals_single_process(kind, reference, tmp_path):
         torch.testing.assert_close(r["logits"], ref["logits"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(r["loss"], ref["loss"], rtol=1e-6, atol=1e-6)
         _assert_grads_close(r["grads"], ref["grads"])
-        assert torch.equal(r["sp_grad"], torch.full((3,), 3.0))  # 1 + 2 summed over the TP pair
+    # Sequence-parallel replicated grads: the sum of what each rank's tokens contribute.
+    from megatron_dyt.norms import DyT
+
+    expected = {}
+    for r in ranks:
+        ref_norm = DyT(8, 0.5)
+        ref_norm(r["sp_input"]).pow(2).sum().backward()
+        for n, p in ref_norm.named_parameters():
+            expected[n] = expected.get(n, 0) + p.grad
+    for r in ranks:
+        for n, g in r["sp_grads"].items():
+            torch.testing.assert_close(g, expected[n], rtol=1e-6, atol=1e-6)
     # Replicated parameters (norm γ/α, embedding scale) stay bit-identical across TP ranks.
     a, b = ranks[0]["replicated"], ranks[1]["replicated"]
     assert set(a) == set(b) and a

@@ -1,0 +1,23 @@
+"""Data pipeline: sentencepiece tokenizers, corpus preprocessing into megatron-core indexed
+datasets, the embedded demo corpus, and the GPT training datasets megatron-core builds on them.
+
+Importing this package is cheap (no torch or megatron-core); those load when first needed.
+"""
+
+from megatron_dyt.data.corpus import DemoData, ensure_demo_data
+from megatron_dyt.data.datasets import build_datasets, resolve_data
+from megatron_dyt.data.preprocess import DataError, DocumentReader, PreprocessSummary, preprocess
+from megatron_dyt.data.tokenizer import Tokenizer, train_tokenizer
+
+__all__ = [
+    "DataError",
+    "DemoData",
+    "DocumentReader",
+    "PreprocessSummary",
+    "Tokenizer",
+    "build_datasets",
+    "ensure_demo_data",
+    "preprocess",
+    "resolve_data",
+    "train_tokenizer",
+]

@@ -1,0 +1,134 @@
+"""`megatron-dyt data …`: train a tokenizer, tokenize a corpus, build the demo corpus.
+
+Errors are raised as `DataError` / `ValueError` with a message for the user; the main CLI prints
+them without a traceback and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_CACHE_DIR = ".cache/megatron-dyt"  # the default of data.cache_dir
+
+
+def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add `data` with its subcommands; each sets `func(args) -> exit code`."""
+    data = subparsers.add_parser(
+        "data",
+        help="train a tokenizer, tokenize a corpus, build the demo corpus",
+        description="Prepare training data: sentencepiece tokenizers and megatron-core indexed"
+        " datasets (<prefix>.bin/.idx). Inputs are .jsonl (one JSON object per line, text under"
+        " --text-key) or .txt/.md (the whole file is one document).",
+    )
+    sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+
+    tok = sub.add_parser(
+        "tokenizer",
+        help="train a LLaMA-style sentencepiece tokenizer",
+        description="Train a byte-fallback sentencepiece model that round-trips text exactly.",
+    )
+    tok.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help=".jsonl/.txt files")
+    tok.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="PREFIX",
+        help="writes PREFIX.model and PREFIX.vocab",
+    )
+    tok.add_argument("--vocab-size", required=True, type=int, metavar="N")
+    tok.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    tok.add_argument("--text-key", default="text", help="JSONL key holding the text")
+    tok.add_argument("--skip-bad", action="store_true", help="skip bad lines/files, count them")
+    tok.set_defaults(func=cmd_tokenizer)
+
+    pre = sub.add_parser(
+        "preprocess",
+        help="tokenize a corpus into an indexed dataset (PREFIX.bin/.idx)",
+        description="Tokenize every document, append the end-of-document token, and write"
+        " megatron-core's indexed dataset; use PREFIX in data.paths.",
+    )
+    pre.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help=".jsonl/.txt files")
+    pre.add_argument(
+        "--tokenizer", required=True, type=Path, metavar="MODEL", help="sentencepiece .model"
+    )
+    pre.add_argument("--out", required=True, type=Path, metavar="PREFIX")
+    pre.add_argument("--workers", type=int, default=1, metavar="N", help="tokenizer processes")
+    pre.add_argument("--text-key", default="text", help="JSONL key holding the text")
+    pre.add_argument("--skip-bad", action="store_true", help="skip bad lines/files, count them")
+    pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pre.set_defaults(func=cmd_preprocess)
+
+    demo = sub.add_parser(
+        "demo",
+        help="build (or reuse) the demo corpus from the Python standard library",
+        description="Write the demo corpus, train its tokenizer and tokenize it (cached).",
+    )
+    demo.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(DEFAULT_CACHE_DIR),
+        help=f"default: {DEFAULT_CACHE_DIR} (data.cache_dir)",
+    )
+    demo.add_argument("--vocab-size", type=int, default=8192, metavar="N")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.set_defaults(func=cmd_demo)
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from megatron_dyt.data.tokenizer import Tokenizer, train_tokenizer
+
+    model = train_tokenizer(
+        args.inputs,
+        args.out,
+        args.vocab_size,
+        model_type=args.model_type,
+        text_key=args.text_key,
+        skip_bad=args.skip_bad,
+    )
+    tokenizer = Tokenizer(model)
+    print(
+        f"wrote {model} and {model.with_suffix('.vocab')}: {args.model_type}, vocab size"
+        f" {tokenizer.vocab_size} (unk {tokenizer.unk}, bos {tokenizer.bos}, eos/eod"
+        f" {tokenizer.eod}, no pad)"
+    )
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from megatron_dyt.data.preprocess import preprocess
+    from megatron_dyt.data.tokenizer import Tokenizer
+
+    if args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: must be at least 1")
+    summary = preprocess(
+        args.inputs,
+        Tokenizer(args.tokenizer),
+        args.out,
+        text_key=args.text_key,
+        workers=args.workers,
+        skip_bad=args.skip_bad,
+        progress=not args.no_progress,
+    )
+    print(
+        f"wrote {args.out}.bin and {args.out}.idx from {summary.files} file(s):"
+        f" {summary.documents:,} documents, {summary.tokens:,} tokens (EOD included),"
+        f" {summary.skipped:,} skipped, {summary.tokens_per_s:,.0f} tokens/s"
+        f" ({summary.seconds:.1f} s)"
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from megatron_dyt.data.corpus import ensure_demo_data
+
+    demo = ensure_demo_data(args.cache_dir, args.vocab_size, progress=not args.no_progress)
+    state = f"built in {demo.seconds:.1f} s" if demo.built else "reused from the cache"
+    print(
+        f"demo corpus ({state}): {demo.documents:,} documents"
+        f" ({demo.corpus_bytes / 1e6:.1f} MB), {demo.tokens:,} tokens"
+    )
+    print(f"  tokenizer:    {demo.tokenizer_path}")
+    print(f"  data prefix:  {demo.data_prefix}")
+    print("  train on it with data.demo=true (or data.tokenizer / data.paths set to these)")
+    return 0

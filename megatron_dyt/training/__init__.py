@@ -1,0 +1,1 @@
+"""Pretraining with DeepSpeed: optimizer, schedule, engine, checkpoints, metrics and the loop."""

@@ -1,0 +1,150 @@
+"""Checkpoints: DeepSpeed's layout plus our config, tokenizer, data position and RNG states.
+
+A checkpoint is `checkpoints/step_XXXXXXX/`. It counts only once every rank has written its part
+and rank 0 has written `complete.json` in it; only then does `checkpoints/latest` (DeepSpeed's
+own pointer file, so its tools work) move to it, by an atomic rename. A crash mid-save leaves a
+folder without `complete.json`, which is never picked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_dyt.config import Config
+
+COMPLETE = "complete.json"
+LATEST = "latest"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    with open(tmp) as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def complete_tags(root: Path) -> list[str]:
+    """Finished checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if p.is_dir() and (p / COMPLETE).is_file()]
+    return sorted(tags, key=lambda t: json.loads((root / t / COMPLETE).read_text())["step"])
+
+
+def find_latest(root: Path) -> str | None:
+    """The tag to resume from: `latest` if it names a complete checkpoint, else the newest one."""
+    pointer = root / LATEST
+    if pointer.is_file():
+        tag = pointer.read_text().strip()
+        if (root / tag / COMPLETE).is_file():
+            return tag
+    tags = complete_tags(root)
+    return tags[-1] if tags else None
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(
+    engine,
+    root: Path,
+    step: int,
+    client_state: dict[str, Any],
+    cfg: Config,
+    tokenizer_path: str | None,
+    keep: int,
+) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint folder."""
+    tag = tag_for(step)
+    folder = root / tag
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if folder.exists():  # a save of this step that never completed
+            shutil.rmtree(folder)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    torch.save(_rng_state(), folder / f"rng_rank{rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        (folder / "config.yaml").write_text(cfg.to_yaml())
+        if tokenizer_path:
+            shutil.copy2(tokenizer_path, folder / "tokenizer.model")
+        _atomic_write(
+            folder / COMPLETE,
+            json.dumps(
+                {
+                    "step": step,
+                    "world_size": dist.get_world_size(),
+                    "time": time.time(),
+                    **client_state,
+                }
+            ),
+        )
+        _atomic_write(root / LATEST, tag)
+        for old in complete_tags(root)[:-keep]:
+            shutil.rmtree(root / old, ignore_errors=True)
+    dist.barrier()
+    return folder
+
+
+def load(engine, root: Path, tag: str) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler, RNG; returns the client state (data position)."""
+    folder = root / tag
+    if not (folder / COMPLETE).is_file():
+        raise CheckpointError(
+            f"checkpoint '{folder}' is incomplete (no {COMPLETE}): it was interrupted while being"
+            " written; remove it or resume from an earlier one"
+        )
+    try:
+        path, client_state = engine.load_checkpoint(
+            str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+    except Exception as exc:  # DeepSpeed raises whatever torch.load raised
+        raise CheckpointError(
+            f"cannot load checkpoint '{folder}': {type(exc).__name__}: {exc}"
+        ) from exc
+    if path is None:
+        raise CheckpointError(f"DeepSpeed found no model states in checkpoint '{folder}'")
+    rng_file = folder / f"rng_rank{dist.get_rank():05d}.pt"
+    if rng_file.is_file():
+        try:
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+        except Exception as exc:
+            raise CheckpointError(f"cannot read '{rng_file}': {exc}") from exc
+    return client_state

@@ -1,0 +1,131 @@
+"""The DeepSpeed engine, built from the project config (the DeepSpeed JSON is generated here).
+
+Order matters (DESIGN.md §3): process groups → megatron `parallel_state` → model (a
+PipelineModule builds its layers in its constructor) → weights → `deepspeed.initialize`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_dyt.config import Config
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Global batch in sequences = micro-batch × gradient accumulation × data parallel."""
+
+    global_batch: int
+    micro_batch: int
+    grad_accum: int
+    data_parallel: int
+
+
+def batch_layout(cfg: Config, data_parallel: int) -> BatchLayout:
+    t, seq = cfg.train, cfg.model.seq_length
+    if t.global_batch_tokens % seq:
+        raise ValueError(
+            f"train.global_batch_tokens={t.global_batch_tokens} is not a whole number of"
+            f" sequences of model.seq_length={seq}; use a multiple of {seq}"
+        )
+    sequences = t.global_batch_tokens // seq
+    per_step = t.micro_batch_size * data_parallel
+    if sequences % per_step:
+        raise ValueError(
+            f"the global batch of {sequences} sequences (train.global_batch_tokens /"
+            f" model.seq_length) is not divisible by train.micro_batch_size ×"
+            f" data-parallel size = {t.micro_batch_size} × {data_parallel}"
+        )
+    return BatchLayout(sequences, t.micro_batch_size, sequences // per_step, data_parallel)
+
+
+def precision(cfg: Config) -> torch.dtype:
+    p = cfg.train.precision
+    if p == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if p in ("bf16", "fp16") and not torch.cuda.is_available():
+        raise ValueError(f"train.precision={p!r} needs a GPU; on CPU use 'fp32' or 'auto'")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[p]
+
+
+def deepspeed_config(cfg: Config, layout: BatchLayout) -> dict[str, Any]:
+    dtype = precision(cfg)
+    zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
+    if cfg.parallel.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = cfg.parallel.zero3_param_persistence_threshold
+    return {
+        "train_batch_size": layout.global_batch,
+        "train_micro_batch_size_per_gpu": layout.micro_batch,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16, "initial_scale_power": 16},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }
+
+
+class MegatronMPU:
+    """megatron-core's groups in the shape DeepSpeed's `mpu=` expects (pipeline parallel 1).
+
+    Without it DeepSpeed treats tensor-parallel ranks as data-parallel replicas and averages
+    their (different) gradient shards.
+    """
+
+    get_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+    get_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_src_rank = staticmethod(ps.get_tensor_model_parallel_src_rank)
+    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
+    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
+    get_pipeline_model_parallel_world_size = staticmethod(ps.get_pipeline_model_parallel_world_size)
+    get_pipeline_model_parallel_group = staticmethod(ps.get_pipeline_model_parallel_group)
+
+
+def data_parallel_size(cfg: Config) -> int:
+    return dist.get_world_size() // (cfg.parallel.tensor * cfg.parallel.pipeline)
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    """The model for this rank: `LlamaModel`, or this stage of a `PipelineModule`."""
+    from megatron_dyt.model import LlamaModel, pipeline_module
+
+    if cfg.parallel.pipeline == 1:
+        return LlamaModel(cfg)
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    topology = PipeModelDataParallelTopology(
+        num_pp=cfg.parallel.pipeline, num_mp=cfg.parallel.tensor, num_dp=data_parallel_size(cfg)
+    )
+    # Activation checkpointing stays inside each block (torch.utils.checkpoint), the same
+    # code with or without pipeline parallelism.
+    return pipeline_module(cfg, topology)
+
+
+def initialize(model: torch.nn.Module, cfg: Config, ds_config: dict[str, Any], lr_lambda):
+    """`deepspeed.initialize` with our AdamW and schedule; returns the engine."""
+    import deepspeed
+
+    from megatron_dyt.training.optimizer import build_optimizer
+
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    kwargs: dict[str, Any] = {}
+    if cfg.parallel.pipeline == 1:
+        kwargs["mpu"] = MegatronMPU()
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, **kwargs
+    )
+    return engine

@@ -1,0 +1,382 @@
+"""`megatron-dyt train`: the training loop around a DeepSpeed engine.
+
+Data order: optimizer step k consumes global samples [k·B, (k+1)·B) of the train dataset (B the
+global batch in sequences). Micro-batch j of data-parallel rank r takes samples
+k·B + (j·DP + r)·m … + m. The samples of a step do not depend on DP, so resumed and rescaled
+runs see the same data; tensor- and pipeline-parallel peers of a rank read the same samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_dyt import parallel
+from megatron_dyt.config import Config, load_config
+from megatron_dyt.training import checkpoint
+from megatron_dyt.training.engine import (
+    BatchLayout,
+    batch_layout,
+    build_model,
+    data_parallel_size,
+    deepspeed_config,
+    initialize,
+)
+from megatron_dyt.training.metrics import MetricsWriter, NormStats, flops_per_token, peak_tflops
+from megatron_dyt.training.schedule import lr_factor
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged loss, refused run folder); the message says why."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    start_step: int
+    step: int
+    losses: dict[int, float] = field(default_factory=dict)
+    valid_losses: dict[int, float] = field(default_factory=dict)
+    stopped_by_signal: bool = False
+    checkpoint: Path | None = None
+
+
+# ---- run folder --------------------------------------------------------------------------------
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path, allow_config_change: bool) -> None:
+    """Refuse to resume a folder trained with a different config, unless asked to."""
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        old = load_config(saved)
+        if old != cfg:
+            diff = _config_diff(old.to_dict(), cfg.to_dict())
+            if not allow_config_change:
+                raise TrainingError(
+                    f"run folder '{run_dir}' holds a run with a different config"
+                    f" ({'; '.join(diff[:8])}); use another --run-dir, or pass"
+                    " --allow-config-change to continue this run with the new config"
+                )
+
+
+def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+
+class StepBatches:
+    """The micro-batches of one optimizer step for this data-parallel rank."""
+
+    def __init__(self, dataset, layout: BatchLayout, dp_rank: int, device: torch.device):
+        self.dataset = dataset
+        self.layout = layout
+        self.dp_rank = dp_rank
+        self.device = device
+
+    def micro_batch(self, first_sample: int) -> tuple[torch.Tensor, torch.Tensor]:
+        samples = [
+            self.dataset[i] for i in range(first_sample, first_sample + self.layout.micro_batch)
+        ]
+        tokens = torch.stack([torch.as_tensor(s["tokens"], dtype=torch.long) for s in samples])
+        labels = torch.stack([torch.as_tensor(s["labels"], dtype=torch.long) for s in samples])
+        return tokens.to(self.device), labels.to(self.device)
+
+    def for_step(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        lay = self.layout
+        base = step * lay.global_batch
+        return [
+            self.micro_batch(base + (j * lay.data_parallel + self.dp_rank) * lay.micro_batch)
+            for j in range(lay.grad_accum)
+        ]
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+
+class _StopFlag:
+    """SIGTERM / SIGUSR1 (SLURM pre-emption) ask for a checkpoint and a clean exit."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def agreed(self) -> bool:
+        """True on every rank once any rank got a signal (one tiny all-reduce per step)."""
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _device() -> torch.device:
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+
+
+def _dp_mean(value: torch.Tensor) -> float:
+    value = value.detach().float().reshape(1).clone()
+    group = ps.get_data_parallel_group()
+    dist.all_reduce(value, group=group)
+    return value.item() / dist.get_world_size(group)
+
+
+def _train_step(engine, batches: list, pipeline: bool) -> float:
+    if pipeline:
+        loss = engine.train_batch(data_iter=iter(batches))
+        return loss.item()
+    losses = []
+    for tokens, labels in batches:
+        loss = engine(tokens, labels)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach())
+    return _dp_mean(torch.stack(losses).mean())
+
+
+@torch.no_grad()
+def _evaluate(engine, valid: StepBatches, n_batches: int, pipeline: bool) -> float:
+    total = 0.0
+    for b in range(n_batches):
+        batches = valid.for_step(b)
+        if pipeline:
+            total += engine.eval_batch(iter(batches), num_micro_batches=len(batches)).item()
+        else:
+            engine.eval()
+            loss = torch.stack([engine(t, lab) for t, lab in batches]).mean()
+            engine.train()
+            total += _dp_mean(loss)
+    return total / n_batches
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def train(
+    cfg: Config,
+    run_dir: Path,
+    *,
+    allow_config_change: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train (or resume) the run in `run_dir`; every rank of the job calls this.
+
+    `stop_after` ends the loop after that many steps of this invocation (tests use it to
+    interrupt a run); a checkpoint is written on the way out.
+    """
+    from megatron_dyt.data import build_datasets, resolve_data
+    from megatron_dyt.model import init_weights
+
+    parallel.setup(cfg.parallel)
+    parallel.init_deepspeed_comm()
+    rank = dist.get_rank()
+    is_rank0 = rank == 0
+    run_dir = Path(run_dir)
+    prepare_run_dir(cfg, run_dir, allow_config_change)
+
+    dp = data_parallel_size(cfg)
+    layout = batch_layout(cfg, dp)
+    ds_config = deepspeed_config(cfg, layout)
+    total_steps = cfg.train.train_steps
+
+    tokenizer, _, _ = resolve_data(cfg)  # also checks the tokenizer fits model.vocab_size
+    eval_batches = (
+        math.ceil(cfg.train.eval_samples / layout.global_batch) if cfg.train.eval_interval else 0
+    )
+    train_ds, valid_ds = build_datasets(
+        cfg,
+        tokenizer,
+        total_steps * layout.global_batch,
+        max(1, eval_batches) * layout.global_batch,
+    )
+
+    if is_rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    dist.barrier()
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg)
+    init_weights(model, cfg)
+    parameters = _count_parameters(model)
+    engine = initialize(
+        model,
+        cfg,
+        ds_config,
+        lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.train.min_lr_ratio),
+    )
+    pipeline = cfg.parallel.pipeline > 1
+
+    ckpt_root = run_dir / "checkpoints"
+    step = 0
+    tag = checkpoint.find_latest(ckpt_root)
+    if tag is not None:
+        state = checkpoint.load(engine, ckpt_root, tag)
+        step = int(state["step"])
+        if is_rank0:
+            print(f"resuming from {ckpt_root / tag} (step {step})", flush=True)
+    result = TrainResult(run_dir=run_dir, start_step=step, step=step)
+
+    device = _device()
+    dp_rank = ps.get_data_parallel_rank()
+    batches = StepBatches(train_ds, layout, dp_rank, device)
+    valid = (
+        StepBatches(valid_ds, layout, dp_rank, device)
+        if valid_ds is not None and eval_batches
+        else None
+    )
+    stats = NormStats(model)
+    writer = MetricsWriter(run_dir, cfg, enabled=is_rank0)
+    stop = _StopFlag()
+    world = dist.get_world_size()
+    fpt = flops_per_token(cfg, parameters)
+    peak = peak_tflops(cfg)
+    tokens_per_step = layout.global_batch * cfg.model.seq_length
+    bar = _progress_bar(is_rank0 and progress, step, total_steps)
+    last_saved = step
+
+    def save() -> Path:
+        nonlocal last_saved
+        client = {"step": step, "consumed_samples": step * layout.global_batch}
+        folder = checkpoint.save(
+            engine, ckpt_root, step, client, cfg, tokenizer.path, cfg.train.keep_checkpoints
+        )
+        last_saved = step
+        return folder
+
+    try:
+        steps_this_run = 0
+        while step < total_steps:
+            log_now = (step + 1) % cfg.train.log_interval == 0 or step + 1 == total_steps
+            lr = engine.get_lr()[0]  # the lr this step uses (the scheduler moves on after it)
+            t0 = time.perf_counter()
+            with stats.recording() if log_now else nullcontext():
+                loss = _train_step(engine, batches.for_step(step), pipeline)
+            elapsed = time.perf_counter() - t0
+            step += 1
+            steps_this_run += 1
+            result.losses[step] = loss
+            if not math.isfinite(loss):
+                good = checkpoint.find_latest(ckpt_root)
+                where = (
+                    f"the last good checkpoint is '{ckpt_root / good}'"
+                    if good
+                    else "no checkpoint was saved yet"
+                )
+                raise TrainingError(
+                    f"loss is {loss} at step {step}: training diverged and stopped; {where}."
+                    " Lower train.lr, raise warm-up, or lower the DyT α₀ (model.norm.alpha_*)"
+                )
+            grad_norm = _grad_norm(engine)
+            tps = tokens_per_step / elapsed
+            record: dict[str, Any] = {
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tps,
+                "step_time_s": elapsed,
+                "tflops_per_gpu": fpt * tps / world / 1e12,
+                "mfu": (fpt * tps / world / 1e12) / peak if peak else None,
+                "consumed_samples": step * layout.global_batch,
+            }
+            if log_now:
+                record.update({f"norm/{k}": v for k, v in stats.gather().items()})
+            if (
+                valid is not None
+                and cfg.train.eval_interval
+                and (step % cfg.train.eval_interval == 0 or step == total_steps)
+            ):
+                record["valid_loss"] = _evaluate(engine, valid, eval_batches, pipeline)
+                result.valid_losses[step] = record["valid_loss"]
+            if log_now or "valid_loss" in record:
+                writer.write(step, record)
+            if bar is not None:
+                bar.set_postfix(
+                    loss=f"{loss:.4f}",
+                    lr=f"{lr:.2e}",
+                    gnorm=f"{grad_norm:.3f}" if grad_norm is not None else "-",
+                    tok_s=f"{tps:,.0f}",
+                    refresh=False,
+                )
+                bar.update(1)
+            if stop.agreed():
+                result.stopped_by_signal = True
+                result.checkpoint = save()
+                if is_rank0:
+                    print(
+                        f"\nsignal {stop.signal or 'on another rank'}: saved {result.checkpoint}, exiting",
+                        flush=True,
+                    )
+                break
+            if cfg.train.save_interval and step % cfg.train.save_interval == 0:
+                result.checkpoint = save()
+            if stop_after is not None and steps_this_run >= stop_after:
+                break
+        if step != last_saved:
+            result.checkpoint = save()
+    finally:
+        stop.restore()
+        writer.close()
+        if bar is not None:
+            bar.close()
+    result.step = step
+    return result
+
+
+def _count_parameters(model: torch.nn.Module) -> int:
+    """Parameters of the whole model (all TP shards, all pipeline stages)."""
+    local = sum(
+        p.numel()
+        for p in model.parameters()
+        if parallel.is_sharded(p) or ps.get_tensor_model_parallel_rank() == 0
+    )
+    total = torch.tensor([float(local)])
+    if torch.cuda.is_available():
+        total = total.cuda()
+    group_ranks_dp0 = ps.get_data_parallel_rank() == 0
+    total *= 1.0 if group_ranks_dp0 else 0.0
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def _progress_bar(enabled: bool, start: int, total: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, desc="train")

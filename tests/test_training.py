@@ -1,0 +1,284 @@
+"""The trainer on CPU (gloo): ZeRO 1/2/3, TP and PP against one process; exact resume; signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import distributed
+import pytest
+import torch
+from common import tiny_dict
+
+from megatron_dyt.config import config_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    """A small real dataset: Python standard-library text → tokenizer → indexed dataset."""
+    from megatron_dyt.data import Tokenizer, ensure_demo_data
+
+    cache = tmp_path_factory.mktemp("cache")
+    demo = ensure_demo_data(cache, vocab_size=512, progress=False)
+    return {
+        "tokenizer": str(demo.tokenizer_path),
+        "prefix": str(demo.data_prefix),
+        "vocab": Tokenizer(demo.tokenizer_path).vocab_size,
+        "cache": str(cache),
+    }
+
+
+def train_dict(corpus: dict, tp: int = 1, pp: int = 1, zero: int = 1, **train) -> dict:
+    cfg = tiny_dict("dyt", tp=tp, pp=pp, num_layers=2, seq_length=32, vocab_size=512)
+    cfg["parallel"]["zero_stage"] = zero
+    cfg["parallel"]["zero3_param_persistence_threshold"] = 0  # really partition a tiny model
+    cfg["train"].update(
+        {
+            "micro_batch_size": 2,
+            "global_batch_tokens": 8 * 32,  # 8 sequences: 4 micro-batches at DP 1, 2 at DP 2
+            "train_steps": STEPS,
+            "lr": 2e-2,
+            "warmup_steps": 2,
+            "precision": "fp32",
+            "save_interval": 0,
+            "eval_interval": 0,
+            "log_interval": 1,
+            **train,
+        }
+    )
+    cfg["data"] = {
+        "tokenizer": corpus["tokenizer"],
+        "paths": [corpus["prefix"]],
+        "split": "90,10,0",
+        "cache_dir": corpus["cache"],
+    }
+    return cfg
+
+
+def _train(cfg_dict: dict, run_dir: str, stop_after: int | None = None) -> dict:
+    from megatron_dyt.training.trainer import train
+
+    result = train(config_from_dict(cfg_dict), Path(run_dir), progress=False, stop_after=stop_after)
+    return {
+        "losses": result.losses,
+        "valid": result.valid_losses,
+        "step": result.step,
+        "checkpoint": str(result.checkpoint),
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("reference")
+    return distributed.run(_train, 1, train_dict(corpus), str(tmp / "run"), tmp_path=tmp)[0]
+
+
+def _assert_losses_close(got: dict, expected: dict, rtol: float) -> None:
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=rtol), f"step {step}"
+
+
+def test_loss_falls(reference):
+    losses = reference["losses"]
+    assert losses[STEPS] < losses[1] - 0.3
+
+
+# DP/TP/PP change only the order of floating-point sums: 1e-5 relative over 8 steps.
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_data_parallel_zero_matches_single_process(zero, corpus, reference, tmp_path):
+    ranks = distributed.run(
+        _train, 2, train_dict(corpus, zero=zero), str(tmp_path / "run"), tmp_path=tmp_path
+    )
+    for r in ranks:
+        _assert_losses_close(r["losses"], reference["losses"], 1e-5)
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_tensor_and_pipeline_parallel_match_single_process(tp, pp, corpus, reference, tmp_path):
+    ranks = distributed.run(
+        _train,
+        tp * pp,
+        train_dict(corpus, tp=tp, pp=pp, zero=1 if pp == 1 else 0),
+        str(tmp_path / "run"),
+        tmp_path=tmp_path,
+    )
+    for r in ranks:
+        _assert_losses_close(r["losses"], reference["losses"], 1e-5)
+
+
+def test_tp2_pp2_trains(corpus, reference, tmp_path):
+    ranks = distributed.run(
+        _train, 4, train_dict(corpus, tp=2, pp=2, zero=1), str(tmp_path / "run"), tmp_path=tmp_path
+    )
+    for r in ranks:
+        _assert_losses_close(r["losses"], reference["losses"], 1e-5)
+    assert (tmp_path / "run/checkpoints/latest").read_text() == f"step_{STEPS:07d}"
+
+
+def test_resume_is_bit_identical(corpus, reference, tmp_path):
+    cfg = train_dict(corpus)
+    run = str(tmp_path / "run")
+    first = distributed.run(_train, 1, cfg, run, 3, tmp_path=tmp_path)[0]
+    assert sorted(first["losses"]) == [1, 2, 3]
+    # A save that died half-way (no complete.json), even one `latest` points at, is never picked.
+    partial = tmp_path / "run/checkpoints/step_0000099"
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    (tmp_path / "run/checkpoints/latest").write_text("step_0000099")
+    second = distributed.run(_train, 1, cfg, run, tmp_path=tmp_path)[0]
+    assert sorted(second["losses"]) == list(range(4, STEPS + 1))
+    merged = {**first["losses"], **second["losses"]}
+    assert merged == reference["losses"]  # exact equality, step by step (fp32 on CPU)
+    lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, STEPS + 1))
+    assert lines[-1]["consumed_samples"] == STEPS * 8
+    assert "norm/layers.0.attention_norm/alpha" in lines[0]
+
+
+def test_resume_across_data_parallel_sizes_sees_the_same_data(corpus, reference, tmp_path):
+    # ZeRO-0: the optimizer state is not partitioned, so DeepSpeed reloads it at another DP size
+    # (repartitioning ZeRO-1/2/3 state is the resharding converter's job).
+    cfg = train_dict(corpus, zero=0)
+    run = str(tmp_path / "run")
+    distributed.run(_train, 1, cfg, run, 4, tmp_path=tmp_path)
+    ranks = distributed.run(_train, 2, cfg, run, tmp_path=tmp_path)
+    for step in range(5, STEPS + 1):
+        assert ranks[0]["losses"][step] == pytest.approx(reference["losses"][step], rel=1e-5)
+
+
+def test_zero_to_fp32_consolidation_loads_into_the_model(corpus, tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from megatron_dyt import parallel
+    from megatron_dyt.model import LlamaModel, load_full_state_dict
+
+    cfg_dict = train_dict(corpus, zero=2, eval_interval=STEPS, eval_samples=8)
+    run = tmp_path / "run"
+    ranks = distributed.run(_train, 2, cfg_dict, str(run), tmp_path=tmp_path)
+    state = get_fp32_state_dict_from_zero_checkpoint(
+        str(run / "checkpoints"), tag=f"step_{STEPS:07d}"
+    )
+
+    cfg = config_from_dict(cfg_dict)
+    parallel.init_distributed("gloo")
+    parallel.initialize_model_parallel(cfg.parallel)
+    model = LlamaModel(cfg)
+    load_full_state_dict(model, state)
+    from megatron_dyt.data import build_datasets, resolve_data
+
+    tokenizer, _, _ = resolve_data(cfg)
+    _, valid = build_datasets(cfg, tokenizer, STEPS * 8, 8)
+    with torch.no_grad():
+        losses = []
+        for first in range(0, 8, 2):
+            samples = [valid[i] for i in range(first, first + 2)]
+            tokens = torch.stack([torch.as_tensor(s["tokens"]) for s in samples]).long()
+            labels = torch.stack([torch.as_tensor(s["labels"]) for s in samples]).long()
+            losses.append(model(tokens, labels))
+    assert torch.stack(losses).mean().item() == pytest.approx(ranks[0]["valid"][STEPS], rel=1e-5)
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes(corpus, tmp_path):
+    cfg = train_dict(corpus)
+    cfg["train"]["train_steps"] = 10_000
+    config = tmp_path / "cfg.yaml"
+    config.write_text(config_from_dict(cfg).to_yaml())
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_dyt",
+        "train",
+        str(config),
+        "--run-dir",
+        str(run),
+        "--no-progress",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < 3
+    ):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    tag = (run / "checkpoints/latest").read_text()
+    assert (run / "checkpoints" / tag / "complete.json").is_file()
+    saved_step = json.loads((run / "checkpoints" / tag / "complete.json").read_text())["step"]
+    assert saved_step >= 3
+
+    cfg["train"]["train_steps"] = saved_step + 2
+    config.write_text(config_from_dict(cfg).to_yaml())
+    again = subprocess.run(
+        [*cmd, "--allow-config-change"], capture_output=True, text=True, env=env, timeout=180
+    )
+    assert again.returncode == 0, again.stderr
+    assert f"resuming from {run / 'checkpoints' / tag} (step {saved_step})" in again.stdout
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps[-2:] == [saved_step + 1, saved_step + 2]
+
+
+def test_corrupt_checkpoint_is_a_clear_error(corpus, tmp_path):
+    cfg = train_dict(corpus)
+    cfg["train"]["train_steps"] = 2
+    config = tmp_path / "cfg.yaml"
+    config.write_text(config_from_dict(cfg).to_yaml())
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_dyt",
+        "train",
+        str(config),
+        "--run-dir",
+        str(run),
+        "--no-progress",
+    ]
+    assert subprocess.run(cmd, capture_output=True, timeout=180).returncode == 0
+    states = run / "checkpoints/step_0000002/mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:100])
+    cfg["train"]["train_steps"] = 4
+    config.write_text(config_from_dict(cfg).to_yaml())
+    bad = subprocess.run(
+        [*cmd, "--allow-config-change"], capture_output=True, text=True, timeout=180
+    )
+    assert bad.returncode == 2
+    assert f"cannot load checkpoint '{run / 'checkpoints/step_0000002'}'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_changed_config_is_refused(corpus, tmp_path):
+    cfg = train_dict(corpus)
+    cfg["train"]["train_steps"] = 1
+    config = tmp_path / "cfg.yaml"
+    config.write_text(config_from_dict(cfg).to_yaml())
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_dyt",
+        "train",
+        str(config),
+        "--run-dir",
+        str(run),
+        "--no-progress",
+    ]
+    assert subprocess.run(cmd, capture_output=True, timeout=180).returncode == 0
+    bad = subprocess.run([*cmd, "train.lr=0.5"], capture_output=True, text=True, timeout=180)
+    assert bad.returncode == 1
+    assert "holds a run with a different config (train.lr: 0.02 -> 0.5)" in bad.stderr
+    assert "Traceback" not in bad.stderr
