@@ -18,11 +18,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Builds the demo corpus and tokenizer (cached under .cache/), then trains the tiny DyT model
-# from scratch on CPU in runs/demo (a few minutes on 2 cores).
+# Builds the demo corpus and tokenizer (cached under .cache/), trains the tiny DyT model from
+# scratch on CPU in runs/demo (a few minutes on 2 cores), then evaluates it zero-shot on the
+# bundled offline task.
 demo: install
 	rm -rf runs/demo
 	$(VENV)/bin/megatron-dyt train configs/tiny-dyt.yaml --run-dir runs/demo
+	HF_DATASETS_OFFLINE=1 $(VENV)/bin/megatron-dyt eval runs/demo --suite offline
 
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q

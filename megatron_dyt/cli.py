@@ -93,6 +93,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from megatron_dyt.eval.run import evaluate_checkpoint
+    from megatron_dyt.eval.suites import expand
+
+    if args.tasks and args.suite:
+        raise ValueError("give either --tasks or --suite, not both")
+    tasks = expand(args.tasks, args.suite or (None if args.tasks else "offline"))
+    batch = args.batch_size if args.batch_size == "auto" else _positive_int(args.batch_size)
+    out = evaluate_checkpoint(
+        args.checkpoint,
+        tasks,
+        overrides=args.overrides,
+        batch_size=batch,
+        limit=args.limit,
+        out_dir=args.out,
+    )
+    if out.table is not None:
+        print("\n" + out.table)
+        print(f"results: {out.out_dir / 'results.json'}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"--batch-size {text!r}: expected a positive integer or 'auto'")
+    return value
+
+
 def _print_train_summary(result) -> None:
     losses = result.losses
     if not losses:
@@ -159,6 +191,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser(
+        "eval",
+        help="zero-shot lm-eval tasks on a checkpoint",
+        description="Evaluate a checkpoint saved by `megatron-dyt train` with lm-eval-harness, at"
+        " the layout it was saved with (launch as many processes as it had, e.g. with torchrun)"
+        " or at TP=PP=1 in one process. Default: the bundled offline suite.",
+    )
+    ev.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="run folder, its checkpoints/ or a step_* folder"
+    )
+    ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. parallel.tensor=1")
+    ev.add_argument("--tasks", help="comma-separated lm-eval task names (suite names allowed)")
+    ev.add_argument("--suite", help="paper15, quick or offline")
+    ev.add_argument("--batch-size", default="8", help="requests per forward pass, or 'auto'")
+    ev.add_argument("--limit", type=int, default=None, help="at most N documents per task")
+    ev.add_argument("--out", help="output folder (default: <run>/eval/<step>)")
+    ev.set_defaults(func=cmd_eval)
 
     from megatron_dyt.data.cli import add_data_commands
 

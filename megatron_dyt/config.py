@@ -28,6 +28,7 @@ class _Section(BaseModel):
 NormKind = Literal["rmsnorm", "layernorm", "dyt", "derf"]
 Squash = Literal["tanh", "hardtanh", "sigmoid", "identity"]
 NormSite = Literal["attention", "mlp", "final"]
+NormBackend = Literal["torch", "triton"]
 
 
 class NormConfig(_Section):
@@ -43,7 +44,8 @@ class NormConfig(_Section):
     squash: Squash = "tanh"  # DyT only: the paper's squashing-function ablation
     derf_shift: float = 0.0  # Derf's learnable s, initial value s₀
     eps: float = 1e-5  # RMSNorm / LayerNorm
-    backend: Literal["torch"] = "torch"
+    # DyT/Derf: fused Triton kernels on CUDA (the torch reference on CPU, with a notice)
+    backend: NormBackend = "triton"
 
     def alpha(self, site: NormSite) -> float:
         return {"attention": self.alpha_attn, "mlp": self.alpha_mlp, "final": self.alpha_final}[
@@ -146,6 +148,9 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(3, ge=1)  # the newest K checkpoints are kept
     eval_interval: int = Field(1000, ge=0)  # steps between validation losses (0: never)
     eval_samples: int = Field(64, ge=1)  # validation sequences per evaluation
+    # Steps whose loss is NaN/Inf that may be survived: rewind to the last checkpoint and leave
+    # that step's batch out. 0: stop at the first one.
+    skip_nonfinite_steps: int = Field(0, ge=0)
     peak_tflops: float | None = Field(None, gt=0)  # per-GPU peak for MFU; None: known GPUs
     wandb_project: str | None = None  # log to Weights & Biases too (if installed)
 
@@ -184,9 +189,12 @@ class DataConfig(_Section):
 
 
 class EvalConfig(_Section):
-    suite: str = "quick"
-    every_n_steps: int = Field(0, ge=0)
+    """Zero-shot evaluation during training (`megatron-dyt eval` takes its own options)."""
+
+    suite: str = "quick"  # paper15, quick or offline (see megatron_dyt/eval/suites.py)
+    every_n_steps: int = Field(0, ge=0)  # 0: never during training
     batch_size: int = Field(8, ge=1)
+    limit: int | None = Field(None, ge=1)  # at most this many documents per task
 
 
 class Config(_Section):

@@ -4,20 +4,103 @@ Kinds: RMSNorm, LayerNorm, DyT (`γ·f(α·x)+β`, f = tanh or an ablation) and 
 (`γ·erf(α·x+s)+β`). Initial values live in `reset_parameters`, so a model materialised from
 the meta device or partitioned by ZeRO-3 starts from the same α₀, γ and β as an eager one.
 Scalars have shape (1,), not (): DeepSpeed cannot broadcast 0-dim tensors.
+
+DyT and Derf have two backends (`NormConfig.backend`): `torch`, the reference below, and
+`triton`, the fused kernels of `megatron_dyt.kernels` (one pass over memory each way, and a fused
+residual add). The kernels run on CUDA tensors, and on CPU tensors only under Triton's
+interpreter (`TRITON_INTERPRET=1`, the tests); elsewhere on CPU the reference runs, with a
+one-time `NormBackendNotice`. Float64 inputs (gradcheck) always take the reference.
 """
 
 from __future__ import annotations
+
+import warnings
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_dyt.config import NormConfig, NormSite
+from megatron_dyt.config import NormBackend, NormConfig, NormSite
+
+
+class NormBackendNotice(UserWarning):
+    """backend 'triton' on CPU without Triton's interpreter: the torch reference runs instead."""
+
+
+_kernels: ModuleType | None = None  # megatron_dyt.kernels.ops, once a triton-backend norm exists
+_kernels_error: str | None = None
+_cpu_notice_shown = False
+
+
+def _load_kernels() -> None:
+    """Import the Triton ops at construction, so they are registered before any torch.compile."""
+    global _kernels, _kernels_error
+    if _kernels is not None or _kernels_error is not None:
+        return
+    try:
+        from megatron_dyt.kernels import ops
+    except Exception as exc:  # no triton (macOS), or a broken install
+        _kernels_error = f"{type(exc).__name__}: {exc}"
+    else:
+        _kernels = ops
+
+
+def _use_kernels(backend: NormBackend, x: torch.Tensor) -> bool:
+    """Whether this call runs the Triton kernels; never falls back silently on a GPU."""
+    if backend != "triton" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if x.device.type == "cuda":
+        if _kernels is None:
+            raise RuntimeError(
+                f"model.norm.backend='triton' but the Triton kernels cannot be imported"
+                f" ({_kernels_error}); install triton or set model.norm.backend=torch"
+            )
+        return True
+    if x.device.type != "cpu":  # meta tensors and others: shapes only, the reference is exact
+        return False
+    if _kernels is not None and _kernels.INTERPRET:
+        return True
+    _cpu_notice()
+    return False
+
+
+def _cpu_notice() -> None:
+    global _cpu_notice_shown
+    if not _cpu_notice_shown:
+        _cpu_notice_shown = True
+        warnings.warn(
+            "model.norm.backend='triton': the DyT/Derf kernels need CUDA (or TRITON_INTERPRET=1);"
+            " running the torch reference on CPU",
+            NormBackendNotice,
+            stacklevel=3,
+        )
+
+
+def _has_forward_hooks(module: nn.Module) -> bool:
+    """Hooks expect to see the norm's input; ZeRO-3 fetches parameters in them too."""
+    return bool(
+        module._forward_pre_hooks
+        or module._forward_hooks
+        or nn.modules.module._global_forward_pre_hooks
+        or nn.modules.module._global_forward_hooks
+    )
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """fp32 math for half-precision activations; float64 stays float64 (gradcheck)."""
     return torch.promote_types(x.dtype, torch.float32)
+
+
+class _Norm(nn.Module):
+    """A norm layer that can also take the residual add in front of it."""
+
+    def forward_residual(
+        self, x: torch.Tensor, r: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`h = x + r` and `norm(h)`: returns (h, norm(h)); backends may fuse the two."""
+        h = x + r
+        return h, self(h)
 
 
 SQUASH = {
@@ -28,7 +111,7 @@ SQUASH = {
 }
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(_Norm):
     def __init__(self, hidden_size: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
@@ -49,7 +132,7 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(_Norm):
     def __init__(self, hidden_size: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
@@ -70,7 +153,7 @@ class LayerNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-class DyT(nn.Module):
+class DyT(_Norm):
     """Dynamic Tanh: an element-wise stand-in for a norm, `γ·f(α·x)+β` with one scalar α."""
 
     def __init__(
@@ -81,10 +164,14 @@ class DyT(nn.Module):
         beta: bool = True,
         learnable_alpha: bool = True,
         squash: str = "tanh",
+        backend: NormBackend = "torch",
     ):
         super().__init__()
         self.alpha0 = alpha0
         self.squash = squash
+        self.backend = backend
+        if backend == "triton":
+            _load_kernels()
         self._f = SQUASH[squash]
         self.alpha = nn.Parameter(torch.empty(1), requires_grad=learnable_alpha)
         self.weight = nn.Parameter(torch.empty(hidden_size))
@@ -99,20 +186,31 @@ class DyT(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_kernels(self.backend, x):
+            return _kernels.dyt(x, self.alpha, self.weight, self.bias, self.squash)
         ct = _compute_dtype(x)
         y = self._f(self.alpha.to(ct) * x.to(ct)) * self.weight.to(ct)
         if self.bias is not None:
             y = y + self.bias.to(ct)
         return y.to(x.dtype)
 
+    def forward_residual(
+        self, x: torch.Tensor, r: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`h = x + r` and DyT(h); one fused kernel on the triton backend (unless hooked)."""
+        if not _has_forward_hooks(self) and _use_kernels(self.backend, x):
+            return _kernels.residual_dyt(x, r, self.alpha, self.weight, self.bias, self.squash)
+        return super().forward_residual(x, r)
+
     def extra_repr(self) -> str:
         return (
             f"{self.weight.shape[0]}, alpha0={self.alpha0}, squash={self.squash},"
-            f" beta={self.bias is not None}, learnable_alpha={self.alpha.requires_grad}"
+            f" beta={self.bias is not None}, learnable_alpha={self.alpha.requires_grad},"
+            f" backend={self.backend}"
         )
 
 
-class Derf(nn.Module):
+class Derf(_Norm):
     """Dynamic erf (Stronger Normalization-Free Transformers): `γ·erf(α·x+s)+β`."""
 
     def __init__(
@@ -123,10 +221,14 @@ class Derf(nn.Module):
         shift0: float = 0.0,
         beta: bool = True,
         learnable_alpha: bool = True,
+        backend: NormBackend = "torch",
     ):
         super().__init__()
         self.alpha0 = alpha0
         self.shift0 = shift0
+        self.backend = backend
+        if backend == "triton":
+            _load_kernels()
         self.alpha = nn.Parameter(torch.empty(1), requires_grad=learnable_alpha)
         self.shift = nn.Parameter(torch.empty(1))
         self.weight = nn.Parameter(torch.empty(hidden_size))
@@ -142,6 +244,8 @@ class Derf(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_kernels(self.backend, x):
+            return _kernels.derf(x, self.alpha, self.shift, self.weight, self.bias)
         ct = _compute_dtype(x)
         y = torch.erf(self.alpha.to(ct) * x.to(ct) + self.shift.to(ct)) * self.weight.to(ct)
         if self.bias is not None:
@@ -151,8 +255,17 @@ class Derf(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.weight.shape[0]}, alpha0={self.alpha0}, shift0={self.shift0},"
-            f" beta={self.bias is not None}, learnable_alpha={self.alpha.requires_grad}"
+            f" beta={self.bias is not None}, learnable_alpha={self.alpha.requires_grad},"
+            f" backend={self.backend}"
         )
+
+    def forward_residual(
+        self, x: torch.Tensor, r: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`h = x + r` and Derf(h); one fused kernel on the triton backend (unless hooked)."""
+        if not _has_forward_hooks(self) and _use_kernels(self.backend, x):
+            return _kernels.residual_derf(x, r, self.alpha, self.shift, self.weight, self.bias)
+        return super().forward_residual(x, r)
 
 
 def build_norm(site: NormSite, hidden_size: int, cfg: NormConfig) -> nn.Module:
@@ -170,6 +283,7 @@ def build_norm(site: NormSite, hidden_size: int, cfg: NormConfig) -> nn.Module:
             beta=cfg.beta,
             learnable_alpha=cfg.learnable_alpha,
             squash=cfg.squash,
+            backend=cfg.backend,
         )
     if cfg.kind == "derf":
         return Derf(
@@ -178,6 +292,7 @@ def build_norm(site: NormSite, hidden_size: int, cfg: NormConfig) -> nn.Module:
             shift0=cfg.derf_shift,
             beta=cfg.beta,
             learnable_alpha=cfg.learnable_alpha,
+            backend=cfg.backend,
         )
     raise ValueError(f"unknown norm kind {cfg.kind!r}; allowed: rmsnorm, layernorm, dyt, derf")
 

@@ -13,66 +13,12 @@ from pathlib import Path
 import distributed
 import pytest
 import torch
-from common import tiny_dict
+from common import STEPS, train_dict
+from common import train_worker as _train
 
 from megatron_dyt.config import config_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 8
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict:
-    """A small real dataset: Python standard-library text → tokenizer → indexed dataset."""
-    from megatron_dyt.data import Tokenizer, ensure_demo_data
-
-    cache = tmp_path_factory.mktemp("cache")
-    demo = ensure_demo_data(cache, vocab_size=512, progress=False)
-    return {
-        "tokenizer": str(demo.tokenizer_path),
-        "prefix": str(demo.data_prefix),
-        "vocab": Tokenizer(demo.tokenizer_path).vocab_size,
-        "cache": str(cache),
-    }
-
-
-def train_dict(corpus: dict, tp: int = 1, pp: int = 1, zero: int = 1, **train) -> dict:
-    cfg = tiny_dict("dyt", tp=tp, pp=pp, num_layers=2, seq_length=32, vocab_size=512)
-    cfg["parallel"]["zero_stage"] = zero
-    cfg["parallel"]["zero3_param_persistence_threshold"] = 0  # really partition a tiny model
-    cfg["train"].update(
-        {
-            "micro_batch_size": 2,
-            "global_batch_tokens": 8 * 32,  # 8 sequences: 4 micro-batches at DP 1, 2 at DP 2
-            "train_steps": STEPS,
-            "lr": 2e-2,
-            "warmup_steps": 2,
-            "precision": "fp32",
-            "save_interval": 0,
-            "eval_interval": 0,
-            "log_interval": 1,
-            **train,
-        }
-    )
-    cfg["data"] = {
-        "tokenizer": corpus["tokenizer"],
-        "paths": [corpus["prefix"]],
-        "split": "90,10,0",
-        "cache_dir": corpus["cache"],
-    }
-    return cfg
-
-
-def _train(cfg_dict: dict, run_dir: str, stop_after: int | None = None) -> dict:
-    from megatron_dyt.training.trainer import train
-
-    result = train(config_from_dict(cfg_dict), Path(run_dir), progress=False, stop_after=stop_after)
-    return {
-        "losses": result.losses,
-        "valid": result.valid_losses,
-        "step": result.step,
-        "checkpoint": str(result.checkpoint),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -156,17 +102,28 @@ def test_resume_across_data_parallel_sizes_sees_the_same_data(corpus, reference,
 
 
 def test_zero_to_fp32_consolidation_loads_into_the_model(corpus, tmp_path):
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     from megatron_dyt import parallel
     from megatron_dyt.model import LlamaModel, load_full_state_dict
 
     cfg_dict = train_dict(corpus, zero=2, eval_interval=STEPS, eval_samples=8)
     run = tmp_path / "run"
     ranks = distributed.run(_train, 2, cfg_dict, str(run), tmp_path=tmp_path)
-    state = get_fp32_state_dict_from_zero_checkpoint(
-        str(run / "checkpoints"), tag=f"step_{STEPS:07d}"
+    # DeepSpeed's own script, as DeepSpeed placed it in the checkpoint folder.
+    script = run / "checkpoints/zero_to_fp32.py"
+    subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(run / "checkpoints"),
+            str(tmp_path / "fp32"),
+            "-t",
+            f"step_{STEPS:07d}",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
+    state = torch.load(tmp_path / "fp32/pytorch_model.bin", weights_only=True)
 
     cfg = config_from_dict(cfg_dict)
     parallel.init_distributed("gloo")
@@ -282,3 +239,49 @@ def test_changed_config_is_refused(corpus, tmp_path):
     assert bad.returncode == 1
     assert "holds a run with a different config (train.lr: 0.02 -> 0.5)" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def _train_with_nan(cfg_dict: dict, run_dir: str, bad_batch: int) -> dict:
+    """Train with the loss of data batch `bad_batch` reported as NaN the first time it is used."""
+    from megatron_dyt.training import trainer
+
+    real_step, real_for_step = trainer._train_step, trainer.StepBatches.for_step
+    seen = {"batch": None, "fired": False}
+
+    def for_step(self, batch):
+        seen["batch"] = batch
+        return real_for_step(self, batch)
+
+    def train_step(engine, batches, pipeline):
+        loss = real_step(engine, batches, pipeline)
+        if seen["batch"] == bad_batch and not seen["fired"]:
+            seen["fired"] = True
+            return float("nan")
+        return loss
+
+    trainer.StepBatches.for_step, trainer._train_step = for_step, train_step
+    try:
+        return _train(cfg_dict, run_dir)
+    except trainer.TrainingError as exc:
+        return {"error": str(exc)}
+
+
+def test_nonfinite_loss_stops_with_the_step_and_last_good_checkpoint(corpus, reference, tmp_path):
+    cfg = train_dict(corpus, save_interval=2)
+    out = distributed.run(_train_with_nan, 1, cfg, str(tmp_path / "run"), 4, tmp_path=tmp_path)[0]
+    good = tmp_path / "run/checkpoints/step_0000004"
+    assert out["error"].startswith(
+        f"loss is nan at step 5: training diverged and stopped; the last good checkpoint is '{good}'"
+    )
+    assert (tmp_path / "run/checkpoints/latest").read_text() == "step_0000004"
+
+
+def test_nonfinite_loss_rewinds_and_skips_the_batch(corpus, reference, tmp_path):
+    cfg = train_dict(corpus, save_interval=2, skip_nonfinite_steps=1)
+    out = distributed.run(_train_with_nan, 1, cfg, str(tmp_path / "run"), 4, tmp_path=tmp_path)[0]
+    assert out["step"] == STEPS
+    for step in range(1, 5):
+        assert out["losses"][step] == reference["losses"][step]
+    assert out["losses"][5] != reference["losses"][5]  # step 5 trained on batch 5, not batch 4
+    done = json.loads((tmp_path / f"run/checkpoints/step_{STEPS:07d}/complete.json").read_text())
+    assert done["skipped_batches"] == [4] and done["data_cursor"] == STEPS + 1

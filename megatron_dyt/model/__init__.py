@@ -14,6 +14,7 @@ from megatron_dyt.model.llama import (
     lm_loss,
     pipeline_module,
     stage_layers,
+    stage_module,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "load_full_state_dict",
     "pipeline_module",
     "stage_layers",
+    "stage_module",
 ]

@@ -119,3 +119,14 @@ def full_state_dict(root: nn.Module, grads: bool = False) -> dict[str, torch.Ten
             continue
         out[name] = gather_full(tensor, param).to("cpu", copy=True)
     return out
+
+
+def tp_partition(name: str) -> tuple[int, int] | None:
+    """(dim, stride) along which a canonical tensor is split over TP ranks; None if replicated."""
+    if name.endswith(("attention.qkv.weight", "output.head.weight", "embedding.word.weight")):
+        return 0, 1
+    if name.endswith("mlp.gate_up.weight"):
+        return 0, 2
+    if name.endswith(("attention.proj.weight", "mlp.down.weight")):
+        return 1, 1
+    return None

@@ -148,3 +148,80 @@ def load(engine, root: Path, tag: str) -> dict[str, Any]:
         except Exception as exc:
             raise CheckpointError(f"cannot read '{rng_file}': {exc}") from exc
     return client_state
+
+
+# ---- reading a checkpoint outside training (evaluation, conversion) --------------------------
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder from a run folder, its `checkpoints/` folder or a `step_*` folder."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    if (path / COMPLETE).is_file():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    tag = find_latest(root)
+    if tag is None:
+        raise CheckpointError(
+            f"no complete checkpoint under '{path}' (expected a run folder, its checkpoints/"
+            f" folder, or a step_XXXXXXX folder holding {COMPLETE})"
+        )
+    return root / tag
+
+
+def read_config(folder: Path) -> Config:
+    from megatron_dyt.config import load_config
+
+    return load_config(folder / "config.yaml")
+
+
+def read_full_state_dict(folder: Path, cfg: Config) -> dict[str, torch.Tensor]:
+    """The full (TP-merged, all stages) model weights of a checkpoint, by canonical name."""
+    from megatron_dyt.model.init import tp_partition
+    from megatron_dyt.parallel import merge_shards
+
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    if cfg.parallel.zero_stage == 3:
+        if tp > 1:
+            raise CheckpointError(
+                f"'{folder}': reading ZeRO-3 checkpoints with parallel.tensor={tp} is not"
+                " supported yet (ZeRO-3 with TP=1 is)"
+            )
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name))
+    shards: list[dict[str, torch.Tensor]] = []
+    for rank in range(tp):
+        if pp == 1:
+            shards.append(_load(folder / f"mp_rank_{rank:02d}_model_states.pt")["module"])
+            continue
+        merged = {}
+        for index in range(cfg.model.num_layers + 2):
+            prefix = _layer_prefix(index, cfg.model.num_layers)
+            layer = _load(folder / f"layer_{index:02d}-model_{rank:02d}-model_states.pt")
+            merged.update({prefix + k: v for k, v in layer.items()})
+        shards.append(merged)
+    full = {}
+    for name, tensor in shards[0].items():
+        split = tp_partition(name)
+        full[name] = tensor if split is None else merge_shards([s[name] for s in shards], *split)
+    return full
+
+
+def _layer_prefix(index: int, num_layers: int) -> str:
+    """Canonical prefix of pipeline layer `index`: embedding, blocks, then the output stage."""
+    if index == 0:
+        return "embedding."
+    if index == num_layers + 1:
+        return "output."
+    return f"layers.{index - 1}."
+
+
+def _load(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file '{path}' is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint file '{path}': {exc}") from exc

@@ -1,9 +1,10 @@
 """`megatron-dyt train`: the training loop around a DeepSpeed engine.
 
-Data order: optimizer step k consumes global samples [k·B, (k+1)·B) of the train dataset (B the
-global batch in sequences). Micro-batch j of data-parallel rank r takes samples
-k·B + (j·DP + r)·m … + m. The samples of a step do not depend on DP, so resumed and rescaled
-runs see the same data; tensor- and pipeline-parallel peers of a rank read the same samples.
+Data order: global batch c holds train samples [c·B, (c+1)·B) (B the global batch in sequences);
+micro-batch j of data-parallel rank r takes samples c·B + (j·DP + r)·m … + m. A data cursor,
+saved in every checkpoint, says which batch the next step takes: normally the step number, one
+further for every batch left out after a NaN/Inf loss. The samples of a step do not depend on DP,
+so resumed and rescaled runs see the same data; TP and PP peers of a rank read the same samples.
 """
 
 from __future__ import annotations
@@ -100,9 +101,9 @@ class StepBatches:
         labels = torch.stack([torch.as_tensor(s["labels"], dtype=torch.long) for s in samples])
         return tokens.to(self.device), labels.to(self.device)
 
-    def for_step(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def for_step(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         lay = self.layout
-        base = step * lay.global_batch
+        base = batch * lay.global_batch
         return [
             self.micro_batch(base + (j * lay.data_parallel + self.dp_rank) * lay.micro_batch)
             for j in range(lay.grad_accum)
@@ -214,6 +215,7 @@ def train(
     total_steps = cfg.train.train_steps
 
     tokenizer, _, _ = resolve_data(cfg)  # also checks the tokenizer fits model.vocab_size
+    zero_shot_tasks = _zero_shot_tasks(cfg)
     eval_batches = (
         math.ceil(cfg.train.eval_samples / layout.global_batch) if cfg.train.eval_interval else 0
     )
@@ -243,11 +245,11 @@ def train(
     pipeline = cfg.parallel.pipeline > 1
 
     ckpt_root = run_dir / "checkpoints"
-    step = 0
+    step, cursor, skipped = 0, 0, []
     tag = checkpoint.find_latest(ckpt_root)
     if tag is not None:
         state = checkpoint.load(engine, ckpt_root, tag)
-        step = int(state["step"])
+        step, cursor, skipped = _position(state)
         if is_rank0:
             print(f"resuming from {ckpt_root / tag} (step {step})", flush=True)
     result = TrainResult(run_dir=run_dir, start_step=step, step=step)
@@ -272,7 +274,12 @@ def train(
 
     def save() -> Path:
         nonlocal last_saved
-        client = {"step": step, "consumed_samples": step * layout.global_batch}
+        client = {
+            "step": step,
+            "data_cursor": cursor,
+            "consumed_samples": cursor * layout.global_batch,
+            "skipped_batches": skipped,
+        }
         folder = checkpoint.save(
             engine, ckpt_root, step, client, cfg, tokenizer.path, cfg.train.keep_checkpoints
         )
@@ -282,26 +289,52 @@ def train(
     try:
         steps_this_run = 0
         while step < total_steps:
+            while cursor in skipped:
+                cursor += 1
             log_now = (step + 1) % cfg.train.log_interval == 0 or step + 1 == total_steps
             lr = engine.get_lr()[0]  # the lr this step uses (the scheduler moves on after it)
             t0 = time.perf_counter()
             with stats.recording() if log_now else nullcontext():
-                loss = _train_step(engine, batches.for_step(step), pipeline)
+                loss = _train_step(engine, batches.for_step(cursor), pipeline)
             elapsed = time.perf_counter() - t0
-            step += 1
-            steps_this_run += 1
-            result.losses[step] = loss
             if not math.isfinite(loss):
                 good = checkpoint.find_latest(ckpt_root)
+                if len(skipped) < cfg.train.skip_nonfinite_steps and good is not None:
+                    skipped.append(cursor)
+                    step, cursor, _ = _position(checkpoint.load(engine, ckpt_root, good))
+                    result.losses = {k: v for k, v in result.losses.items() if k <= step}
+                    writer.write(
+                        step,
+                        {
+                            "event": "nonfinite_loss_rewind",
+                            "loss": loss,
+                            "skipped_batch": skipped[-1],
+                        },
+                    )
+                    if is_rank0:
+                        print(
+                            f"\nloss is {loss} on data batch {skipped[-1]}: rewound to"
+                            f" {ckpt_root / good} and leaving that batch out"
+                            f" ({len(skipped)}/{cfg.train.skip_nonfinite_steps} skips used)",
+                            flush=True,
+                        )
+                    if bar is not None:
+                        bar.n = step
+                    continue
                 where = (
                     f"the last good checkpoint is '{ckpt_root / good}'"
                     if good
                     else "no checkpoint was saved yet"
                 )
                 raise TrainingError(
-                    f"loss is {loss} at step {step}: training diverged and stopped; {where}."
-                    " Lower train.lr, raise warm-up, or lower the DyT α₀ (model.norm.alpha_*)"
+                    f"loss is {loss} at step {step + 1}: training diverged and stopped; {where}."
+                    " Lower train.lr, raise warm-up or lower the DyT α₀ (model.norm.alpha_*);"
+                    " train.skip_nonfinite_steps=N rewinds and skips up to N such batches"
                 )
+            step += 1
+            cursor += 1
+            steps_this_run += 1
+            result.losses[step] = loss
             grad_norm = _grad_norm(engine)
             tps = tokens_per_step / elapsed
             record: dict[str, Any] = {
@@ -312,7 +345,7 @@ def train(
                 "step_time_s": elapsed,
                 "tflops_per_gpu": fpt * tps / world / 1e12,
                 "mfu": (fpt * tps / world / 1e12) / peak if peak else None,
-                "consumed_samples": step * layout.global_batch,
+                "consumed_samples": cursor * layout.global_batch,
             }
             if log_now:
                 record.update({f"norm/{k}": v for k, v in stats.gather().items()})
@@ -323,6 +356,8 @@ def train(
             ):
                 record["valid_loss"] = _evaluate(engine, valid, eval_batches, pipeline)
                 result.valid_losses[step] = record["valid_loss"]
+            if zero_shot_tasks and (step % cfg.eval.every_n_steps == 0 or step == total_steps):
+                record.update(_zero_shot(engine.module, cfg, tokenizer, zero_shot_tasks))
             if log_now or "valid_loss" in record:
                 writer.write(step, record)
             if bar is not None:
@@ -356,6 +391,45 @@ def train(
             bar.close()
     result.step = step
     return result
+
+
+def _zero_shot_tasks(cfg: Config) -> list[str]:
+    """The `eval.suite` tasks when zero-shot evaluation runs during training; checked up front."""
+    if not cfg.eval.every_n_steps:
+        return []
+    from megatron_dyt.eval.run import check_datasets, task_manager
+    from megatron_dyt.eval.suites import expand
+
+    tasks = expand(None, cfg.eval.suite)
+    check_datasets(tasks, task_manager())
+    return tasks
+
+
+def _zero_shot(module: torch.nn.Module, cfg: Config, tokenizer, tasks: list[str]) -> dict[str, Any]:
+    """Run the suite on the live model; the headline metric per task and their average."""
+    from megatron_dyt.eval.adapter import make_lm
+    from megatron_dyt.eval.run import evaluate
+    from megatron_dyt.eval.suites import summarize
+
+    dtype = next(module.parameters()).dtype
+    lm = make_lm(module, cfg, tokenizer, _device(), dtype, cfg.eval.batch_size)
+    module.eval()
+    try:
+        results = evaluate(lm, tasks, limit=cfg.eval.limit, bootstrap_iters=0)
+    finally:
+        module.train()
+    if results is None:
+        return {}
+    summary = summarize(results["results"], tasks)
+    out: dict[str, Any] = {f"eval/{r['task']}/{r['metric']}": r["value"] for r in summary["rows"]}
+    out["eval/average"] = summary["average_headline"]
+    return out
+
+
+def _position(state: dict[str, Any]) -> tuple[int, int, list[int]]:
+    """(step, data cursor, skipped batches) saved in a checkpoint's client state."""
+    step = int(state["step"])
+    return step, int(state.get("data_cursor", step)), list(state.get("skipped_batches", []))
 
 
 def _count_parameters(model: torch.nn.Module) -> int:

@@ -1,0 +1,315 @@
+"""lm-eval 0.4 model class around our model, parallel as trained.
+
+Every rank of the job holds one piece of the model (a TP shard of a pipeline stage). lm-eval sees
+only data parallelism: its `rank`/`world_size` are the DP rank/size, so each DP replica scores its
+own share of the requests, and the TP/PP peers of a replica run the same requests in the same
+order. Activations move stage to stage by send/recv; the last stage turns vocab-parallel logits
+into log-probabilities (padding rows of the vocabulary masked out, so scores equal those of the
+unpadded model) and broadcasts the results to the other stages.
+
+Request handling follows lm-eval's Hugging Face backend so scores are comparable: left
+truncation to the context length, the prefix token for empty contexts, rolling windows for
+`loglikelihood_rolling`, greedy `generate_until` with stop sequences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from megatron.core import parallel_state as ps
+from torch import nn
+from tqdm import tqdm
+
+from megatron_dyt.parallel import tp_group
+
+
+@dataclass
+class StageInfo:
+    """Where this rank's module sits in the pipeline."""
+
+    first: bool
+    last: bool
+    hidden_size: int
+    vocab_size: int  # real (unpadded) vocabulary
+    dtype: torch.dtype
+    device: torch.device
+
+
+class ParallelForward:
+    """Runs a batch through the pipeline; the last stage's vocab-parallel logits stay local."""
+
+    def __init__(self, module: nn.Module, info: StageInfo):
+        self.module = module
+        self.info = info
+        self.pipeline = ps.get_pipeline_model_parallel_world_size() > 1
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """tokens [b, s] on every stage → masked logits [s, b, v/tp] on the last stage, else None."""
+        info = self.info
+        b, s = tokens.shape
+        if info.first:
+            x = self.module(tokens.to(info.device))
+        else:
+            x = torch.empty(s, b, info.hidden_size, dtype=info.dtype, device=info.device)
+            dist.recv(x, ps.get_pipeline_model_parallel_prev_rank())
+            x = self.module(x)
+        if not info.last:
+            dist.send(x.contiguous(), ps.get_pipeline_model_parallel_next_rank())
+            return None
+        return self._mask_padding(x.float())
+
+    def _mask_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        local = logits.shape[-1]
+        start = dist.get_rank(tp_group()) * local
+        if start + local > self.info.vocab_size:
+            logits[..., max(0, self.info.vocab_size - start) :] = float("-inf")
+        return logits
+
+    def broadcast(self, value: torch.Tensor) -> torch.Tensor:
+        """Send a last-stage tensor to every stage of this pipeline (same shape and dtype)."""
+        if self.pipeline:
+            dist.broadcast(
+                value,
+                ps.get_pipeline_model_parallel_last_rank(),
+                group=ps.get_pipeline_model_parallel_group(),
+            )
+        return value
+
+
+def vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Global argmax over vocab-parallel logits [..., v/tp]; ties go to the lowest index."""
+    group = tp_group()
+    size = dist.get_world_size(group)
+    values, index = logits.max(dim=-1)
+    if size == 1:
+        return index
+    index = index + dist.get_rank(group) * logits.shape[-1]
+    all_values = [torch.empty_like(values) for _ in range(size)]
+    all_index = [torch.empty_like(index) for _ in range(size)]
+    dist.all_gather(all_values, values.contiguous(), group=group)
+    dist.all_gather(all_index, index.contiguous(), group=group)
+    stacked = torch.stack(all_values)  # [tp, ...]; argmax picks the first (lowest) rank on ties
+    return torch.stack(all_index).gather(0, stacked.argmax(0, keepdim=True)).squeeze(0)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) from vocab-parallel logits [s, b, v/tp] and targets [s, b]."""
+    from megatron.core import tensor_parallel
+
+    return -tensor_parallel.vocab_parallel_cross_entropy(logits, targets)
+
+
+class MegatronDyTLM(TemplateLM):
+    """lm-eval model over this rank's piece of a megatron-dyt model."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        info: StageInfo,
+        tokenizer,
+        max_length: int,
+        batch_size: int | str = 8,
+        max_gen_toks: int = 256,
+    ):
+        super().__init__()
+        self.forward = ParallelForward(module, info)
+        self.info = info
+        self.tok = tokenizer
+        self.max_length = max_length
+        self.max_gen_toks = max_gen_toks
+        self._dp_group = ps.get_data_parallel_group()
+        self._rank = ps.get_data_parallel_rank()
+        self._world_size = ps.get_data_parallel_world_size()
+        self.batch_size = self._detect_batch_size() if batch_size == "auto" else int(batch_size)
+
+    # ---- lm-eval plumbing -----------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eod
+
+    @property
+    def prefix_token_id(self) -> int:
+        # Like the HF backend: BOS when the tokenizer has one, else end-of-text.
+        return self.tok.bos if self.tok.bos is not None and self.tok.bos >= 0 else self.tok.eod
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.tok.path)
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None, **kwargs
+    ) -> list[int]:
+        ids = self.tok.encode(string)
+        return [self.prefix_token_id, *ids] if add_special_tokens else ids
+
+    def tok_decode(self, tokens: Sequence[int]) -> str:
+        return self.tok.decode(list(tokens))
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(self._world_size)]
+        dist.all_gather(parts, tensor, group=self._dp_group)
+        return torch.stack(parts)
+
+    def gather_object(self, obj, dst: int = 0):
+        dst_global = dist.get_global_rank(self._dp_group, dst)
+        out = [None] * self._world_size if self._rank == dst else None
+        dist.gather_object(obj, out, dst=dst_global, group=self._dp_group)
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    # ---- scoring ------------------------------------------------------------------------------
+    def _score_batch(self, batch: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """Sum of continuation log-probs and whether greedy decoding reproduces it, per pair."""
+        inputs, spans = [], []
+        for context, continuation in batch:
+            whole = (context + continuation)[-(self.max_length + 1) :]
+            inp = whole[:-1]
+            n_cont = len(continuation)  # may be 0 when the tokenizer merges across the boundary
+            inputs.append(inp)
+            spans.append((len(inp) - n_cont, n_cont, whole[len(whole) - n_cont :]))
+        width = max(len(x) for x in inputs)
+        tokens = torch.zeros(len(inputs), width, dtype=torch.long)
+        targets = torch.zeros(len(inputs), width, dtype=torch.long)
+        for i, (inp, (start, n, cont)) in enumerate(zip(inputs, spans, strict=True)):
+            tokens[i, : len(inp)] = torch.tensor(inp)  # right padding: earlier positions unaffected
+            targets[i, start : start + n] = torch.tensor(cont)
+        logits = self.forward(tokens)
+        result = torch.zeros(len(inputs), 2, dtype=torch.float64, device=self.info.device)
+        if logits is not None:
+            t = targets.t().contiguous().to(logits.device)
+            greedy = vocab_parallel_argmax(logits).t() == t.t()  # before the CE, which edits logits
+            logp = token_logprobs(logits, t).t()  # [b, s]
+            for i, (start, n, _) in enumerate(spans):
+                result[i, 0] = logp[i, start : start + n].double().sum()
+                result[i, 1] = float(bool(greedy[i, start : start + n].all()))
+        result = self.forward.broadcast(result).cpu()
+        return [(float(r[0]), bool(r[1])) for r in result]
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        # Longest first (as the HF backend), so a too-large batch fails at once.
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1] + requests[i][2]))
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        bar = tqdm(
+            total=len(requests), disable=disable_tqdm or not _is_rank0(), desc="loglikelihood"
+        )
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            scored = self._score_batch([(requests[i][1], requests[i][2]) for i in idx])
+            for i, r in zip(idx, scored, strict=True):
+                results[i] = r
+            bar.update(len(idx))
+        bar.close()
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows, owners = [], []
+        for n, (string,) in enumerate(req.args for req in requests):
+            for context, pred in map(
+                lm_utils.make_disjoint_window,
+                lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
+                windows.append((None, context, pred))
+                owners.append(n)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(requests)
+        for n, (logprob, _) in zip(owners, scores, strict=True):
+            totals[n] += logprob
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out = []
+        for req in tqdm(requests, disable=disable_tqdm or not _is_rank0(), desc="generate_until"):
+            context, kwargs = req.args
+            until = kwargs.get("until") or [self.tok.decode([self.eot_token_id])]
+            if isinstance(until, str):
+                until = [until]
+            max_gen = int(kwargs.get("max_gen_toks", self.max_gen_toks))
+            out.append(self._greedy(self.tok_encode(context), until, max_gen))
+        return out
+
+    def _greedy(self, context: list[int], until: list[str], max_gen: int) -> str:
+        """Greedy decoding, one full forward per token (no KV cache), stop strings honoured."""
+        tokens = (
+            context[-(self.max_length - max_gen) :] if max_gen < self.max_length else context[-1:]
+        )
+        generated: list[int] = []
+        for _ in range(max_gen):
+            window = (tokens + generated)[-self.max_length :]
+            logits = self.forward(torch.tensor([window]))
+            nxt = torch.zeros(1, dtype=torch.long, device=self.info.device)
+            if logits is not None:
+                nxt = vocab_parallel_argmax(logits[-1]).reshape(1)
+            nxt = int(self.forward.broadcast(nxt).item())
+            if nxt == self.eot_token_id:
+                break
+            generated.append(nxt)
+            text = self.tok.decode(generated)
+            if any(stop in text for stop in until):
+                break
+        text = self.tok.decode(generated)
+        for stop in until:
+            text = text.split(stop)[0]
+        return text
+
+    def _detect_batch_size(self) -> int:
+        """Largest power of two (≤ 256) that runs a full-length batch; CPU or pipelines: 16.
+
+        (Under pipeline parallelism an out-of-memory on one stage would leave its peers waiting
+        in send/recv, so the search is not attempted there.)
+        """
+        if self.info.device.type != "cuda" or self.forward.pipeline:
+            return 16
+        size = 256
+        while size > 1:
+            try:
+                self.forward(torch.zeros(size, self.max_length, dtype=torch.long))
+                break
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                size //= 2
+        found = torch.tensor([size], device=self.info.device)
+        dist.all_reduce(found, op=dist.ReduceOp.MIN)
+        return int(found.item())
+
+
+def _is_rank0() -> bool:
+    return dist.get_rank() == 0
+
+
+def make_lm(
+    module: nn.Module,
+    cfg,
+    tokenizer,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int | str,
+) -> MegatronDyTLM:
+    """The adapter for this rank's module (a `LlamaModel`, a stage, or a DeepSpeed PipelineModule)."""
+    stage = ps.get_pipeline_model_parallel_rank()
+    stages = ps.get_pipeline_model_parallel_world_size()
+    info = StageInfo(
+        first=stage == 0,
+        last=stage == stages - 1,
+        hidden_size=cfg.model.hidden_size,
+        vocab_size=cfg.model.vocab_size,
+        dtype=dtype,
+        device=device,
+    )
+    return MegatronDyTLM(module, info, tokenizer, cfg.model.seq_length, batch_size=batch_size)

@@ -1,0 +1,327 @@
+"""Time DyT / Derf implementations on one GPU against the memory-bandwidth floor.
+
+    python -m megatron_dyt.kernels.bench [--shapes 4096x4096,16384x4096] [--json PATH] [--tune]
+
+For every op (dyt, derf, residual_dyt), shape (tokens × hidden, bf16) and pass (fwd, fwd+bwd)
+it times, with `triton.testing.do_bench` (median): the eager torch reference module, the same
+module under `torch.compile`, `F.rms_norm` (what DyT replaces), Liger-Kernel's `LigerDyT`
+(DyT ops only, when importable) and ours. The floor is the bytes the op must move divided by
+the copy bandwidth measured in the same run (a device-to-device `copy_`, read + write bytes /
+time); "% floor" is floor / time, so 100% means running at copy speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_SHAPES = "4096x4096,16384x4096,32768x8192"
+OPS = ("dyt", "derf", "residual_dyt")
+PASSES = ("fwd", "fwd+bwd")
+
+# Tensors of tokens × hidden each pass must read or write at least (parameters are negligible).
+# dyt/derf fwd: read x, write y; bwd: read x and dy, write dx. residual fwd: read x and r,
+# write h and y; bwd: read h, dy and dh (the residual stream's gradient), write dx (= dr).
+TENSORS_MOVED = {
+    ("dyt", "fwd"): 2,
+    ("dyt", "fwd+bwd"): 5,
+    ("derf", "fwd"): 2,
+    ("derf", "fwd+bwd"): 5,
+    ("residual_dyt", "fwd"): 4,
+    ("residual_dyt", "fwd+bwd"): 8,
+}
+
+
+@dataclass
+class Row:
+    op: str
+    shape: list[int]
+    pass_: str
+    impl: str
+    us: float
+    floor_us: float
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["pass"] = d.pop("pass_")
+        return d
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for part in text.split(","):
+        try:
+            tokens, hidden = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise SystemExit(
+                f"bench: bad shape {part!r}; expected TOKENSxHIDDEN, e.g. 4096x4096"
+            ) from None
+        if tokens <= 0 or hidden <= 0:
+            raise SystemExit(f"bench: bad shape {part!r}; sizes must be positive")
+        shapes.append((tokens, hidden))
+    return shapes
+
+
+def copy_bandwidth(do_bench: Callable, device: str = "cuda", n: int = 256 * 1024 * 1024) -> float:
+    """Bytes per second of a large device-to-device copy (read + write); 512 MiB each way."""
+    src = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def _liger(hidden: int) -> torch.nn.Module | None:
+    try:
+        from liger_kernel.transformers import LigerDyT
+    except ImportError:
+        return None
+    try:  # newer releases take `beta`; LLaMA-DyT has none
+        return LigerDyT(hidden, beta=False, init_alpha=0.5)
+    except TypeError:
+        return LigerDyT(hidden, init_alpha=0.5)
+
+
+def implementations(
+    op: str, hidden: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16
+) -> dict[str, Callable]:
+    """impl name → function of (x, r) returning the tensors whose gradients flow back.
+
+    Parameters are in the activation dtype, as under DeepSpeed bf16 (and F.rms_norm only takes
+    its fused path when input and weight dtypes match).
+    """
+    from megatron_dyt.norms import Derf, DyT
+
+    def make(backend: str) -> torch.nn.Module:
+        if op == "derf":
+            return Derf(hidden, 0.5, beta=False, backend=backend)
+        return DyT(hidden, 0.5, beta=False, backend=backend)
+
+    ours, eager = make("triton").to(device, dtype), make("torch").to(device, dtype)
+    torch._dynamo.reset()  # each compiled function starts from a clean cache (no recompile limit)
+    compiled = torch.compile(eager)
+    rms_weight = torch.ones(hidden, device=device, dtype=dtype, requires_grad=True)
+    liger = _liger(hidden) if op in ("dyt", "residual_dyt") else None
+    norms: dict[str, Callable] = {
+        "eager": eager,
+        "compile": compiled,
+        "rms_norm": lambda h: F.rms_norm(h, (hidden,), rms_weight, 1e-5),
+    }
+    if liger is not None:
+        norms["liger"] = liger.to(device, dtype)
+    if op != "residual_dyt":
+        impls = {name: _single(f) for name, f in norms.items()}
+        impls["ours"] = _single(ours)
+        return impls
+    impls = {name: _add_then(f) for name, f in norms.items()}
+    impls["compile"] = torch.compile(_add_then(eager))  # the add is fused by Inductor too
+    impls["ours"] = ours.forward_residual
+    return impls
+
+
+def _single(norm: Callable) -> Callable:
+    def fn(x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (norm(x),)
+
+    return fn
+
+
+def _add_then(norm: Callable) -> Callable:
+    def fn(x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = x + r
+        return h, norm(h)
+
+    return fn
+
+
+def time_impl(
+    fn: Callable, x: torch.Tensor, r: torch.Tensor, pass_: str, do_bench: Callable
+) -> float:
+    """Median µs of one forward, or forward + backward to x, r and every parameter."""
+    if pass_ == "fwd":
+
+        def step():
+            with torch.no_grad():
+                fn(x, r)
+
+    else:
+        grads = None
+
+        def step():
+            nonlocal grads
+            outs = fn(x, r)
+            if grads is None:
+                grads = [torch.randn_like(o) for o in outs]
+            torch.autograd.backward(outs, grads)
+
+    step()  # compile / autotune outside the timing
+    return do_bench(step, grad_to_none=[x, r]) * 1e3
+
+
+def _median_do_bench(fn: Callable, grad_to_none: list[torch.Tensor] | None = None) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, grad_to_none=grad_to_none, return_mode="median")
+
+
+def run(
+    shapes: list[tuple[int, int]],
+    ops: list[str],
+    device: str = "cuda",
+    do_bench: Callable = _median_do_bench,
+    copy_elements: int = 256 * 1024 * 1024,
+) -> dict:
+    """Every (op, shape, pass, impl) timing; `device`, `do_bench` and `copy_elements` are
+    parameters only so a CPU test can run this code path."""
+    bandwidth = copy_bandwidth(do_bench, device, copy_elements)
+    rows: list[Row] = []
+    for op in ops:
+        for tokens, hidden in shapes:
+            x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
+            r = torch.randn_like(x)
+            x.requires_grad_(True)
+            r.requires_grad_(True)
+            impls = implementations(op, hidden, device)
+            for pass_ in PASSES:
+                moved = TENSORS_MOVED[(op, pass_)] * x.numel() * x.element_size()
+                floor_us = moved / bandwidth * 1e6
+                for impl, fn in impls.items():
+                    us = time_impl(fn, x, r, pass_, do_bench)
+                    rows.append(Row(op, [tokens, hidden], pass_, impl, us, floor_us))
+                    print(_format_row(rows[-1]), flush=True)
+            del x, r, impls
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return {
+        "device": torch.cuda.get_device_name() if device == "cuda" else device,
+        "copy_bandwidth_tbs": bandwidth / 1e12,
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "rows": [row.to_json() for row in rows],
+    }
+
+
+# --tune: launch configurations of ours to try (forward knobs for fwd, backward knobs for fwd+bwd).
+FWD_GRID = [
+    dict(fwd_tile=tile, fwd_max_block_n=bn, fwd_warps=w)
+    for tile in (2048, 4096, 8192)
+    for bn in (512, 1024, 2048)
+    for w in (4, 8)
+    if bn <= tile
+]
+BWD_GRID = [
+    dict(bwd_tile=tile, bwd_max_block_n=bn, bwd_warps=w, bwd_min_rows=rows)
+    for tile in (512, 1024, 2048)
+    for bn in (128, 256, 512)
+    for w in (4, 8)
+    for rows in (32, 64, 128)
+    if bn <= tile
+]
+
+
+def tune(
+    shapes: list[tuple[int, int]],
+    ops: list[str],
+    device: str = "cuda",
+    do_bench: Callable | None = None,
+) -> list[dict]:
+    """Time ours under every configuration of the grids; returns them best first per case."""
+    from megatron_dyt.kernels.ops import tuning
+
+    do_bench = do_bench or _median_do_bench
+    results = []
+    for op in ops:
+        for tokens, hidden in shapes:
+            x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
+            r = torch.randn_like(x)
+            x.requires_grad_(True)
+            r.requires_grad_(True)
+            ours = implementations(op, hidden, device)["ours"]
+            for pass_, grid in (("fwd", FWD_GRID), ("fwd+bwd", BWD_GRID)):
+                timings = []
+                for config in grid:
+                    with tuning(**config):
+                        timings.append((time_impl(ours, x, r, pass_, do_bench), config))
+                timings.sort(key=lambda t: t[0])
+                for us, config in timings[:3]:
+                    print(f"{op:<13} {tokens}x{hidden:<7} {pass_:<8} {us:>9.1f} µs  {config}")
+                results.append(
+                    {
+                        "op": op,
+                        "shape": [tokens, hidden],
+                        "pass": pass_,
+                        "timings": [{"us": us, "config": c} for us, c in timings],
+                    }
+                )
+            del x, r
+    return results
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+HEADER = (
+    f"{'op':<13} {'shape':<12} {'pass':<8} {'impl':<9} {'µs':>9} {'floor µs':>9} {'% floor':>8}"
+)
+
+
+def _format_row(row: Row) -> str:
+    shape = "x".join(map(str, row.shape))
+    pct = 100 * row.floor_us / row.us
+    return (
+        f"{row.op:<13} {shape:<12} {row.pass_:<8} {row.impl:<9} {row.us:>9.1f}"
+        f" {row.floor_us:>9.1f} {pct:>7.1f}%"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_dyt.kernels.bench", description=__doc__
+    )
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="TOKENSxHIDDEN,... (bf16)")
+    parser.add_argument("--ops", default=",".join(OPS), help=f"subset of {','.join(OPS)}")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="instead: time ours under a grid of block sizes / warps (megatron_dyt.kernels.ops"
+        ".Tuning) and print the best three per case (several minutes)",
+    )
+    args = parser.parse_args(argv)
+    shapes = parse_shapes(args.shapes)
+    ops = args.ops.split(",")
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        parser.error(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(OPS)}")
+    if not torch.cuda.is_available():
+        print("bench: needs a CUDA GPU; none is available here", file=sys.stderr)
+        return 2
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("bench: needs Triton, which is not installed", file=sys.stderr)
+        return 2
+    if args.tune:
+        result = {"device": torch.cuda.get_device_name(), "tune": tune(shapes, ops)}
+    else:
+        print(HEADER, flush=True)
+        result = run(shapes, ops)
+        print(f"device: {result['device']}, copy bandwidth {result['copy_bandwidth_tbs']:.2f} TB/s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,585 @@
+"""Fused Triton DyT / Derf: forward, backward and residual-add + norm, as PyTorch custom ops.
+
+One kernel family covers both norms, `y = γ·f(α·x + s) + β`: DyT is f = tanh (or an ablation:
+hardtanh, sigmoid, identity) with no shift s, Derf is f = erf with a learnable scalar s.
+
+- Forward: a 2-D grid of (rows × columns) tiles; each tile reads x once and writes y once (the
+  residual variant reads x and r, writes h = x + r and y). Nothing else touches memory.
+- Backward: reads x (or h) and dy once, writes dx; f(α·x) is recomputed, never stored. dγ, dβ,
+  dα and ds are reduced deterministically in two stages: every program owns a fixed block of rows
+  of a column tile and writes its fp32 partial sums; a fixed-order `sum(0)` over the partials
+  finishes them. The grid depends only on the shape and the GPU, so gradients are bit-identical
+  run to run.
+- Inputs bf16 / fp16 / fp32, math in fp32, outputs in the input dtype; parameters may be any
+  float dtype and their gradients come back in it.
+
+Registered with `torch.library.triton_op`, so `torch.compile` sees custom ops (no graph break)
+and Inductor can schedule the kernels itself; there are no host syncs (α and s stay on device),
+so CUDA graphs capture them. With `TRITON_INTERPRET=1` set before this module is imported, the
+same kernels run on CPU tensors through Triton's interpreter (slow; for tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Iterator
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+# ---- the squashing functions ---------------------------------------------------------------
+
+SQUASH_CODES = {"tanh": 0, "hardtanh": 1, "sigmoid": 2, "identity": 3, "erf": 4}
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _tanh(z):
+    # libdevice's tanh is not available to the interpreter, so tanh is built from exp: an odd
+    # Taylor polynomial below |z| = 0.4 (where 1 - 2/(e^2|z| + 1) would lose digits to
+    # cancellation; the first omitted term is < 1e-8 relative there), the exp form above it.
+    # |z| is capped at 15, where tanh is 1 in fp32 already, so exp never overflows.
+    a = tl.minimum(tl.abs(z), 15.0)
+    big = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
+    zs = tl.minimum(tl.maximum(z, -0.4), 0.4)  # the polynomial's branch only; no overflow
+    z2 = zs * zs
+    p = 0.0035921280365724810 * z2 - 0.0088632355299021966
+    p = p * z2 + 0.021869488536155203
+    p = p * z2 - 0.053968253968253968
+    p = p * z2 + 0.13333333333333333
+    p = p * z2 - 0.33333333333333333
+    small = zs + zs * z2 * p
+    return tl.where(a < 0.4, small, tl.where(z < 0.0, -big, big))
+
+
+@triton.jit
+def _squash(z, ACT: tl.constexpr):
+    if ACT == 0:
+        f = _tanh(z)
+    elif ACT == 1:
+        f = tl.minimum(tl.maximum(z, -1.0), 1.0)
+    elif ACT == 2:
+        f = 1.0 / (1.0 + tl.exp(-tl.maximum(z, -88.0)))  # capped: exp(88) is finite in fp32
+    elif ACT == 3:
+        f = z
+    else:
+        f = tl.erf(z)
+    return f
+
+
+@triton.jit
+def _squash_grad(z, f, ACT: tl.constexpr):
+    """f'(z), from z and the already computed f(z)."""
+    if ACT == 0:
+        d = 1.0 - f * f
+    elif ACT == 1:
+        d = tl.where((z > -1.0) & (z < 1.0), 1.0, 0.0)  # torch's hardtanh: 0 at the corners
+    elif ACT == 2:
+        d = f * (1.0 - f)
+    elif ACT == 3:
+        d = tl.full(z.shape, 1.0, tl.float32)
+    else:
+        d = 1.1283791670955126 * tl.exp(-z * z)  # 2/√π·e^(-z²)
+    return d
+
+
+@triton.jit
+def _cast(y, DTYPE: tl.constexpr, EXACT_BF16: tl.constexpr):
+    """fp32 → the output dtype, rounding to nearest even as GPUs do.
+
+    Triton's interpreter truncates fp32 → bf16 casts; with EXACT_BF16 (set only when
+    interpreting) the value is first rounded in fp32 bits, so CPU tests see GPU rounding.
+    """
+    if EXACT_BF16:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        y = bits.to(tl.float32, bitcast=True)
+    return y.to(DTYPE)
+
+
+# ---- kernels --------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_kernel(
+    X,
+    R,
+    H,
+    Y,
+    ALPHA,
+    SHIFT,
+    W,
+    B,
+    M,
+    N,
+    ACT: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One (BLOCK_M × BLOCK_N) tile: y = γ·f(α·x + s) + β, or h = x + r first (then y of h)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        # h is rounded to the activation dtype before the norm sees it, exactly as `x + r` then
+        # DyT(h) would do in PyTorch.
+        h = _cast(
+            x + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32),
+            H.dtype.element_ty,
+            EXACT_BF16,
+        )
+        tl.store(H + offs, h, mask=mask)
+        x = h.to(tl.float32)
+    z = tl.load(ALPHA).to(tl.float32) * x
+    if HAS_SHIFT:
+        z = z + tl.load(SHIFT).to(tl.float32)
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = _squash(z, ACT) * w[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offs, _cast(y, Y.dtype.element_ty, EXACT_BF16), mask=mask)
+
+
+@triton.jit
+def _bwd_kernel(
+    DY,
+    X,
+    DH,
+    DX,
+    ALPHA,
+    SHIFT,
+    W,
+    PART_W,
+    PART_B,
+    PART_AS,
+    M,
+    N,
+    ROWS_PER_PROGRAM,
+    ACT: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DH: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dx for ROWS_PER_PROGRAM rows of one column tile, and this program's partial sums.
+
+    g = dy·γ·f'(z) is dL/dz; dx = α·g (+ dh, the residual stream's own gradient), and the
+    partials are Σdy·f(z) (dγ), Σdy (dβ), Σg·x (dα), Σg (ds). dγ and dβ accumulate
+    element-wise over the row loop and are reduced over the tile's rows once at the end; dα and
+    ds are summed over each row step's columns as they go (one register per row, not a tile).
+    Every sum has a fixed order.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    alpha = tl.load(ALPHA).to(tl.float32)
+    if HAS_SHIFT:
+        shift = tl.load(SHIFT).to(tl.float32)
+    acc_w = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_a = tl.zeros((BLOCK_M,), dtype=tl.float32)  # per row of the tile: few registers
+    acc_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    first_row = pid_m * ROWS_PER_PROGRAM
+    for start in range(0, ROWS_PER_PROGRAM, BLOCK_M):
+        rows = first_row + start + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & col_ok[None, :]
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        z = alpha * x
+        if HAS_SHIFT:
+            z = z + shift
+        f = _squash(z, ACT)
+        g = dy * w[None, :] * _squash_grad(z, f, ACT)
+        dx = g * alpha
+        if HAS_DH:
+            dx = dx + tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + offs, _cast(dx, DX.dtype.element_ty, EXACT_BF16), mask=mask)
+        acc_w += dy * f  # masked lanes have dy = 0, so they add nothing anywhere
+        if HAS_BIAS:
+            acc_b += dy
+        acc_a += tl.sum(g * x, axis=1)
+        acc_s += tl.sum(g, axis=1)
+    tl.store(PART_W + pid_m * N + cols, tl.sum(acc_w, axis=0), mask=col_ok)
+    if HAS_BIAS:
+        tl.store(PART_B + pid_m * N + cols, tl.sum(acc_b, axis=0), mask=col_ok)
+    slot = (pid_m * tl.num_programs(1) + pid_n) * 2
+    tl.store(PART_AS + slot, tl.sum(acc_a, axis=0))
+    tl.store(PART_AS + slot + 1, tl.sum(acc_s, axis=0))
+
+
+def _interpreting() -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_fwd_kernel, InterpretedFunction)
+
+
+INTERPRET: bool = _interpreting()
+"""True when the kernels were decorated under TRITON_INTERPRET=1: they then take CPU tensors."""
+
+
+# ---- launch configuration -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Block sizes, warps and grid shape. The CUDA defaults are unmeasured first guesses for
+    H100-class GPUs, chosen from register counts of sm_90 builds (~60 registers forward, ~70
+    backward, so several programs share an SM); `python -m megatron_dyt.kernels.bench --tune`
+    times alternatives.
+
+    The backward grid (and so the reduction order) depends only on these, the shape and the
+    GPU's SM count, never on timing: no autotuning, so gradients stay bit-identical.
+    """
+
+    fwd_tile: int = 4096  # elements per forward program (BLOCK_M·BLOCK_N): 16 per thread
+    fwd_max_block_n: int = 1024
+    fwd_warps: int = 8
+    bwd_tile: int = 1024  # elements per backward loop step: 8 per thread
+    bwd_max_block_n: int = 256  # narrow column tiles: parallelism without bigger partials
+    bwd_warps: int = 4
+    bwd_programs_per_sm: int = 8
+    bwd_min_rows: int = 64  # rows per program at least, so the partials stay ~2% of traffic
+    sm_count: int = 0  # 0: ask the GPU
+
+
+# The interpreter pays per program and per jit-function call, not per element: big tiles.
+_TUNING = {
+    "cuda": Tuning(),
+    "cpu": Tuning(
+        fwd_tile=16384,
+        fwd_max_block_n=4096,
+        bwd_tile=16384,
+        bwd_max_block_n=4096,
+        bwd_programs_per_sm=1,
+        sm_count=2,
+    ),
+}
+
+
+@contextlib.contextmanager
+def tuning(**changes: int) -> Iterator[None]:
+    """Temporarily change the launch configuration on every device (tests: force column tiles
+    and many programs on small shapes; benchmarks: try other blocks)."""
+    previous = dict(_TUNING)
+    _TUNING.update({k: dataclasses.replace(v, **changes) for k, v in previous.items()})
+    try:
+        yield
+    finally:
+        _TUNING.update(previous)
+
+
+def _tuning_for(device: torch.device) -> Tuning:
+    return _TUNING["cuda" if device.type == "cuda" else "cpu"]
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _fwd_config(n: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): several rows per program when the hidden size is small."""
+    t = _tuning_for(device)
+    block_n = min(triton.next_power_of_2(n), t.fwd_max_block_n)
+    block_m = max(1, t.fwd_tile // block_n)
+    return block_m, block_n, t.fwd_warps
+
+
+def _bwd_config(m: int, n: int, device: torch.device) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, rows per program, row programs, num_warps) for the backward grid.
+
+    Column tiles × row programs fill the GPU about `bwd_programs_per_sm` times; each program
+    loops over at least `bwd_min_rows` rows (hidden 32768: 128 column tiles of 256, each looping
+    over its rows), so the fp32 partials (row programs × hidden) stay small next to x, dy, dx.
+    """
+    t = _tuning_for(device)
+    sms = t.sm_count or _sm_count(device.index if device.index is not None else 0)
+    block_n = min(triton.next_power_of_2(n), t.bwd_max_block_n)
+    block_m = max(1, t.bwd_tile // block_n)
+    col_blocks = triton.cdiv(n, block_n)
+    wanted = triton.cdiv(t.bwd_programs_per_sm * sms, col_blocks)
+    row_programs = max(1, min(wanted, triton.cdiv(m, max(t.bwd_min_rows, block_m))))
+    rows_per_program = max(1, triton.cdiv(triton.cdiv(m, row_programs), block_m)) * block_m
+    row_programs = triton.cdiv(m, rows_per_program)
+    return block_m, block_n, rows_per_program, row_programs, t.bwd_warps
+
+
+def _exact_bf16(x: Tensor) -> bool:
+    return INTERPRET and x.dtype == torch.bfloat16
+
+
+def _rows(x: Tensor) -> Tensor:
+    return x.contiguous().view(-1, x.shape[-1])
+
+
+# ---- custom ops -----------------------------------------------------------------------------
+
+
+@triton_op("megatron_dyt::dyt", mutates_args=())
+def _dyt(
+    x: Tensor,
+    alpha: Tensor,
+    shift: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    act: int,
+) -> Tensor:
+    x2 = _rows(x)
+    y = torch.empty_like(x2)
+    m, n = x2.shape
+    if m > 0:
+        block_m, block_n, warps = _fwd_config(n, x.device)
+        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+        wrap_triton(_fwd_kernel)[grid](
+            x2,
+            x2,  # R and H: unused without a residual (only read-only inputs stand in)
+            x2,
+            y,
+            alpha,
+            alpha if shift is None else shift,
+            weight,
+            weight if bias is None else bias,
+            m,
+            n,
+            ACT=act,
+            HAS_SHIFT=shift is not None,
+            HAS_BIAS=bias is not None,
+            HAS_RESIDUAL=False,
+            EXACT_BF16=_exact_bf16(x),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=warps,
+        )
+    return y.view(x.shape)
+
+
+@triton_op("megatron_dyt::residual_dyt", mutates_args=())
+def _residual_dyt(
+    x: Tensor,
+    r: Tensor,
+    alpha: Tensor,
+    shift: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    act: int,
+) -> tuple[Tensor, Tensor]:
+    x2, r2 = _rows(x), _rows(r)
+    h = torch.empty_like(x2)
+    y = torch.empty_like(x2)
+    m, n = x2.shape
+    if m > 0:
+        block_m, block_n, warps = _fwd_config(n, x.device)
+        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+        wrap_triton(_fwd_kernel)[grid](
+            x2,
+            r2,
+            h,
+            y,
+            alpha,
+            alpha if shift is None else shift,
+            weight,
+            weight if bias is None else bias,
+            m,
+            n,
+            ACT=act,
+            HAS_SHIFT=shift is not None,
+            HAS_BIAS=bias is not None,
+            HAS_RESIDUAL=True,
+            EXACT_BF16=_exact_bf16(x),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=warps,
+        )
+    return h.view(x.shape), y.view(x.shape)
+
+
+@triton_op("megatron_dyt::dyt_backward", mutates_args=())
+def _dyt_backward(
+    dy: Tensor,
+    x: Tensor,
+    alpha: Tensor,
+    shift: Tensor | None,
+    weight: Tensor,
+    dh: Tensor | None,
+    act: int,
+    has_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx [+ dh], dα, ds, dγ, dβ); the parameter gradients in fp32, dβ empty without a bias."""
+    x2, dy2 = _rows(x), _rows(dy)
+    dh2 = None if dh is None else _rows(dh)
+    m, n = x2.shape
+    dx = torch.empty_like(x2)
+    block_m, block_n, rows_per_program, row_programs, warps = _bwd_config(m, n, x.device)
+    col_blocks = triton.cdiv(n, block_n)
+    f32 = {"device": x.device, "dtype": torch.float32}
+    part_w = torch.empty((row_programs, n), **f32)
+    part_b = torch.empty((row_programs if has_bias else 0, n), **f32)
+    part_as = torch.empty((row_programs * col_blocks, 2), **f32)
+    if m > 0:
+        wrap_triton(_bwd_kernel)[(row_programs, col_blocks)](
+            dy2,
+            x2,
+            x2 if dh2 is None else dh2,  # unused stand-ins are always read-only inputs
+            dx,
+            alpha,
+            alpha if shift is None else shift,
+            weight,
+            part_w,
+            weight if part_b.numel() == 0 else part_b,
+            part_as,
+            m,
+            n,
+            rows_per_program,
+            ACT=act,
+            HAS_SHIFT=shift is not None,
+            HAS_BIAS=has_bias,
+            HAS_DH=dh2 is not None,
+            EXACT_BF16=_exact_bf16(x),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=warps,
+        )
+    dalpha_shift = part_as.sum(0)
+    return (
+        dx.view(x.shape),
+        dalpha_shift[0:1].clone(),
+        dalpha_shift[1:2].clone(),
+        part_w.sum(0),
+        part_b.sum(0) if has_bias else part_b.new_empty(0),
+    )
+
+
+# ---- autograd -------------------------------------------------------------------------------
+
+
+def _setup(ctx, norm_input: Tensor, alpha, shift, weight, bias, act: int) -> None:
+    ctx.save_for_backward(norm_input, alpha, shift, weight)
+    ctx.act = act
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, dy: Tensor | None, dh: Tensor | None) -> tuple[Tensor | None, ...]:
+    """(dL/d norm input [+ dh], dα, ds, dγ, dβ), the parameter gradients in their dtypes."""
+    x, alpha, shift, weight = ctx.saved_tensors  # unpacked once: checkpointing insists
+    if dy is None:
+        dy = torch.zeros_like(x)
+    has_bias = ctx.bias_dtype is not None
+    dx, da, ds, dw, db = _dyt_backward(dy, x, alpha, shift, weight, dh, ctx.act, has_bias)
+    return (
+        dx,
+        da.to(alpha.dtype),
+        None if shift is None else ds.to(shift.dtype),
+        dw.to(weight.dtype),
+        db.to(ctx.bias_dtype) if has_bias else None,
+    )
+
+
+def _dyt_setup_context(ctx, inputs, output) -> None:
+    x, alpha, shift, weight, bias, act = inputs
+    _setup(ctx, x, alpha, shift, weight, bias, act)
+
+
+def _dyt_autograd(ctx, dy: Tensor):
+    return *_backward(ctx, dy, None), None
+
+
+def _residual_setup_context(ctx, inputs, output) -> None:
+    _, _, alpha, shift, weight, bias, act = inputs
+    _setup(ctx, output[0], alpha, shift, weight, bias, act)  # only h is kept for backward
+
+
+def _residual_autograd(ctx, dh: Tensor | None, dy: Tensor | None):
+    dx, *params = _backward(ctx, dy, dh)  # dL/dh in total: the residual stream's + the norm's
+    return dx, dx, *params, None
+
+
+_dyt.register_autograd(_dyt_autograd, setup_context=_dyt_setup_context)
+_residual_dyt.register_autograd(_residual_autograd, setup_context=_residual_setup_context)
+
+
+# ---- public functions -----------------------------------------------------------------------
+
+
+def _check(x: Tensor, alpha: Tensor, weight: Tensor, *others: Tensor | None) -> None:
+    """Clear errors before a kernel sees the tensors; `others` only need x's device."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"DyT/Derf kernels take float32, bfloat16 or float16 inputs, not {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != weight.numel():
+        raise ValueError(
+            f"input's last dimension {tuple(x.shape)[-1:]} must equal the weight's size"
+            f" {weight.numel()}"
+        )
+    if alpha.numel() != 1:
+        raise ValueError(f"alpha must hold one value, got shape {tuple(alpha.shape)}")
+    for t in (alpha, weight, *others):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"all tensors must be on {x.device}, got one on {t.device}")
+
+
+def dyt(
+    x: Tensor, alpha: Tensor, weight: Tensor, bias: Tensor | None = None, squash: str = "tanh"
+) -> Tensor:
+    """`weight·f(alpha·x) + bias` over the last dimension of x, f = tanh unless ablated."""
+    _check(x, alpha, weight, bias)
+    return _dyt(x, alpha, None, weight, bias, SQUASH_CODES[squash])
+
+
+def derf(
+    x: Tensor, alpha: Tensor, shift: Tensor, weight: Tensor, bias: Tensor | None = None
+) -> Tensor:
+    """`weight·erf(alpha·x + shift) + bias` over the last dimension of x."""
+    _check(x, alpha, weight, shift, bias)
+    return _dyt(x, alpha, shift, weight, bias, SQUASH_CODES["erf"])
+
+
+def _check_residual(x: Tensor, r: Tensor) -> None:
+    if r.shape != x.shape or r.dtype != x.dtype:
+        raise ValueError(
+            f"residual must match the input: got {tuple(r.shape)} {r.dtype}"
+            f" and {tuple(x.shape)} {x.dtype}"
+        )
+
+
+def residual_dyt(
+    x: Tensor,
+    r: Tensor,
+    alpha: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    squash: str = "tanh",
+) -> tuple[Tensor, Tensor]:
+    """`h = x + r` and `dyt(h)` in one pass: returns (h, y)."""
+    _check(x, alpha, weight, r, bias)
+    _check_residual(x, r)
+    return _residual_dyt(x, r, alpha, None, weight, bias, SQUASH_CODES[squash])
+
+
+def residual_derf(
+    x: Tensor,
+    r: Tensor,
+    alpha: Tensor,
+    shift: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`h = x + r` and `derf(h)` in one pass: returns (h, y)."""
+    _check(x, alpha, weight, r, shift, bias)
+    _check_residual(x, r)
+    return _residual_dyt(x, r, alpha, shift, weight, bias, SQUASH_CODES["erf"])
