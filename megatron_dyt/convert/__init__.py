@@ -1,0 +1,1 @@
+"""Checkpoint interoperability: Hugging Face export/import and resharding to another layout."""
