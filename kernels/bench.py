@@ -1,6 +1,7 @@
 """Time DyT / Derf implementations on one GPU against the memory-bandwidth floor.
 
-    python -m megatron_dyt.kernels.bench [--shapes 4096x4096,16384x4096] [--json PATH] [--tune]
+    python -m megatron_dyt.kernels.bench [--shapes 4096x4096,16384x4096] [--json PATH]
+                                         [--tune [--tune-shapes ...]]
 
 For every op (dyt, derf, residual_dyt), shape (tokens × hidden, bf16) and pass (fwd, fwd+bwd)
 it times, with `triton.testing.do_bench` (median): the eager torch reference module, the same
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -216,11 +218,11 @@ FWD_GRID = [
     if bn <= tile
 ]
 BWD_GRID = [
-    dict(bwd_tile=tile, bwd_max_block_n=bn, bwd_warps=w, bwd_min_rows=rows)
+    dict(bwd_tile=tile, bwd_max_block_n=bn, bwd_warps=w, bwd_programs_per_sm=p)
     for tile in (512, 1024, 2048)
     for bn in (128, 256, 512)
     for w in (4, 8)
-    for rows in (32, 64, 128)
+    for p in (4, 8)
     if bn <= tile
 ]
 
@@ -263,6 +265,27 @@ def tune(
     return results
 
 
+def best_configs(cases: list[dict]) -> dict[str, dict]:
+    """Per pass, the configuration with the smallest geometric-mean time over all tuned cases
+    (one global choice: the backward grid must not depend on timing, see `ops.Tuning`)."""
+    chosen = {}
+    for pass_ in PASSES:
+        scores: dict[str, list[float]] = {}
+        configs: dict[str, dict] = {}
+        for case in cases:
+            if case["pass"] != pass_:
+                continue
+            for t in case["timings"]:
+                key = json.dumps(t["config"], sort_keys=True)
+                scores.setdefault(key, []).append(math.log(t["us"]))
+                configs[key] = t["config"]
+        complete = {k: v for k, v in scores.items() if len(v) == max(map(len, scores.values()))}
+        if complete:
+            best = min(complete, key=lambda k: sum(complete[k]) / len(complete[k]))
+            chosen[pass_] = configs[best]
+    return chosen
+
+
 def _triton_version() -> str:
     import triton
 
@@ -293,8 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tune",
         action="store_true",
-        help="instead: time ours under a grid of block sizes / warps (megatron_dyt.kernels.ops"
-        ".Tuning) and print the best three per case (several minutes)",
+        help="first time ours under a grid of block sizes / warps (megatron_dyt.kernels.ops"
+        ".Tuning), then run the table with the configuration of best geometric mean"
+        " (several minutes)",
+    )
+    parser.add_argument(
+        "--tune-shapes", help="shapes to tune on (default: --shapes); TOKENSxHIDDEN,..."
     )
     args = parser.parse_args(argv)
     shapes = parse_shapes(args.shapes)
@@ -310,12 +337,23 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("bench: needs Triton, which is not installed", file=sys.stderr)
         return 2
+    tuned: dict = {}
     if args.tune:
-        result = {"device": torch.cuda.get_device_name(), "tune": tune(shapes, ops)}
+        from megatron_dyt.kernels.ops import tuning
+
+        tune_shapes = parse_shapes(args.tune_shapes) if args.tune_shapes else shapes
+        cases = tune(tune_shapes, ops)
+        chosen = best_configs(cases)
+        print(f"chosen launch configuration: {chosen}", flush=True)
+        tuned = {"tuning": {"chosen": chosen, "cases": cases}}
+        with tuning(**chosen.get("fwd", {}), **chosen.get("fwd+bwd", {})):
+            print(HEADER, flush=True)
+            result = run(shapes, ops)
     else:
         print(HEADER, flush=True)
         result = run(shapes, ops)
-        print(f"device: {result['device']}, copy bandwidth {result['copy_bandwidth_tbs']:.2f} TB/s")
+    result.update(tuned)
+    print(f"device: {result['device']}, copy bandwidth {result['copy_bandwidth_tbs']:.2f} TB/s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n")

@@ -4,6 +4,8 @@ sets TRITON_INTERPRET=1), so shapes are small; the compile / CUDA-graph tests ne
 
 from __future__ import annotations
 
+import json
+import math
 import warnings
 
 import pytest
@@ -232,7 +234,9 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="last dimension"):
         ops.dyt(torch.ones(2, 63, device=DEVICE), alpha, weight)
     with pytest.raises(ValueError, match="residual must match"):
-        ops.residual_dyt(torch.ones(2, 64, device=DEVICE), torch.ones(1, 64), alpha, weight)
+        ops.residual_dyt(
+            torch.ones(2, 64, device=DEVICE), torch.ones(1, 64, device=DEVICE), alpha, weight
+        )
 
 
 # ---- custom ops and compilation -------------------------------------------------------------
@@ -246,7 +250,7 @@ def test_opcheck():
     b = torch.randn(80, device=DEVICE, requires_grad=True)
     # The interpreter needs real data pointers, so it cannot run under FakeTensorMode; the
     # fake-tensor and AOT-dispatch checks run on a GPU only.
-    utils = None if CUDA else ["test_schema", "test_autograd_registration"]
+    utils = "ALL" if CUDA else ["test_schema", "test_autograd_registration"]
     for op, args in [
         (torch.ops.megatron_dyt.dyt.default, (x, alpha, None, w, b, 0)),
         (torch.ops.megatron_dyt.dyt.default, (x, alpha, shift, w, None, 4)),
@@ -550,6 +554,39 @@ def test_benchmark_tune_code_path_runs(monkeypatch):
         ("residual_dyt", "fwd+bwd"),
     ]
     assert result[0]["timings"][0]["config"] == dict(fwd_tile=128)  # the faster one first
+
+
+def test_tuning_picks_the_best_geometric_mean_over_cases():
+    from megatron_dyt.kernels import bench
+
+    a, b = dict(fwd_tile=1), dict(fwd_tile=2)
+    cases = [  # a wins one case by a little, b the other by a lot: b has the better mean
+        {"pass": "fwd", "timings": [{"us": 10.0, "config": a}, {"us": 11.0, "config": b}]},
+        {"pass": "fwd", "timings": [{"us": 5.0, "config": b}, {"us": 20.0, "config": a}]},
+        {"pass": "fwd+bwd", "timings": [{"us": 3.0, "config": a}, {"us": 4.0, "config": b}]},
+    ]
+    assert bench.best_configs(cases) == {"fwd": b, "fwd+bwd": a}
+
+
+def test_training_step_benchmark_code_path_runs(tmp_path):
+    """The model-level benchmark on CPU with a tiny preset: every variant trains and the
+    results merge into an existing results file."""
+    from megatron_dyt.kernels import bench_step
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"device": "x", "rows": []}))
+    result = bench_step.run("tiny", steps=1, warmup=1, device="cpu")
+    bench_step.write_json(path, result)
+    data = json.loads(path.read_text())
+    assert data["device"] == "x" and data["rows"] == []  # the kernel results are kept
+    rows = {r["variant"]: r for r in data["train_step"]["rows"]}
+    assert set(rows) == {"dyt-triton", "dyt-torch", "rmsnorm"}
+    assert rows["rmsnorm"]["ratio_to_rmsnorm"] == 1.0
+    # same init seed and data: both DyT backends start from the same loss
+    assert rows["dyt-triton"]["first_loss"] == pytest.approx(
+        rows["dyt-torch"]["first_loss"], rel=1e-5
+    )
+    assert all(math.isfinite(r["last_loss"]) and r["ms"] > 0 for r in rows.values())
 
 
 @pytest.mark.skipif(CUDA, reason="checks the message on a machine without CUDA")

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The checks that need the lent GPU, in one call (see benchmarks/README.md). Run from the repo
+# root on the device machine with `.whl` carried: it holds the wheels of
+# ../shared/tools/device-wheels.sh plus this project's own (`pip wheel --no-deps -w .whl .`).
+# Every phase has its own time limit and writes its log and results under $OUT.
+set -u
+OUT=${OUT:-/tmp/gpu-out}
+REPO=$(pwd)
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+cd /tmp  # import the installed package, not the source folder (kernels/ maps to a subpackage)
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+phase() {  # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s)"; local t0=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1; local rc=$?
+  tail -n 40 "$OUT/$name.txt"; echo "== $name: exit $rc after $((SECONDS - t0))s"
+}
+phase tests "${TESTS_S:-90}" python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+  "$REPO/tests/test_kernels.py"
+phase step "${STEP_S:-90}" python3 -m megatron_dyt.kernels.bench_step --json "$OUT/step.json"
+phase bench "${BENCH_S:-300}" python3 -m megatron_dyt.kernels.bench --json "$OUT/kernels.json"
+# Block sizes: tune on the two large shapes, then the DyT table at one shape with the choice.
+phase tune "${TUNE_S:-100}" python3 -m megatron_dyt.kernels.bench --tune --ops dyt \
+  --tune-shapes 16384x4096,32768x8192 --shapes 16384x4096 --json "$OUT/tune.json"
