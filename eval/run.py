@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
+
 from megatron_dyt.eval.suites import TASK_DIR, check_task_names, markdown_table, summarize
 
 
@@ -119,11 +120,10 @@ def evaluate_checkpoint(
     out_dir: str | Path | None = None,
 ) -> EvalOutput:
     """Load a training checkpoint at its layout (or TP=PP=1 in one process) and evaluate it."""
-    from megatron_dyt.eval.adapter import make_lm
-
     from megatron_dyt import parallel
     from megatron_dyt.config import config_from_dict, parse_override
     from megatron_dyt.data import Tokenizer
+    from megatron_dyt.eval.adapter import make_lm
     from megatron_dyt.model import LlamaModel, load_full_state_dict, stage_module
     from megatron_dyt.training import checkpoint as ckpt
     from megatron_dyt.training.engine import precision

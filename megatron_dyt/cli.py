@@ -211,8 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     from megatron_dyt.data.cli import add_data_commands
+    from megatron_dyt.launch.cli import add_launch_parser
 
     add_data_commands(sub)
+    add_launch_parser(sub)
     return parser
 
 

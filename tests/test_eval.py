@@ -26,6 +26,7 @@ def eval_dict(corpus: dict, tp: int = 1, pp: int = 1) -> dict:
 
 def _requests(rank: int, world: int):
     from lm_eval.tasks import get_task_dict
+
     from megatron_dyt.eval.run import task_manager
 
     task = get_task_dict([TASK], task_manager())[TASK]
@@ -35,10 +36,10 @@ def _requests(rank: int, world: int):
 
 def _build(cfg_dict: dict, full: dict | None, tokenizer_path: str, batch_size: int):
     from megatron.core import parallel_state as ps
-    from megatron_dyt.eval.adapter import make_lm
 
     from megatron_dyt import parallel
     from megatron_dyt.data import Tokenizer
+    from megatron_dyt.eval.adapter import make_lm
     from megatron_dyt.model import (
         LlamaModel,
         full_state_dict,
@@ -285,6 +286,7 @@ def test_missing_hf_dataset_is_named(monkeypatch):
 
 def test_bundled_task_data_is_absolute():
     import yaml
+
     from megatron_dyt.eval.run import offline_task_dir
 
     config = yaml.safe_load((offline_task_dir() / "pycloze.yaml").read_text())

@@ -55,6 +55,16 @@ class TrainResult:
 # ---- run folder --------------------------------------------------------------------------------
 
 
+def write_status(run_dir: Path, state: str, step: int, total_steps: int, **extra: Any) -> None:
+    """`status.json`: how this invocation ended ("finished", "stopped" early with a checkpoint
+    to resume from, or "diverged"), for SLURM requeue logic and sweep bookkeeping."""
+    record = {"state": state, "step": step, "train_steps": total_steps, "time": time.time()}
+    record.update({k: v for k, v in extra.items() if v is not None})
+    tmp = run_dir / "status.json.tmp"
+    tmp.write_text(json.dumps(record) + "\n")
+    tmp.replace(run_dir / "status.json")
+
+
 def prepare_run_dir(cfg: Config, run_dir: Path, allow_config_change: bool) -> None:
     """Refuse to resume a folder trained with a different config, unless asked to."""
     saved = run_dir / "config.yaml"
@@ -326,6 +336,8 @@ def train(
                     if good
                     else "no checkpoint was saved yet"
                 )
+                if is_rank0:
+                    write_status(run_dir, "diverged", step, total_steps)
                 raise TrainingError(
                     f"loss is {loss} at step {step + 1}: training diverged and stopped; {where}."
                     " Lower train.lr, raise warm-up or lower the DyT α₀ (model.norm.alpha_*);"
@@ -384,6 +396,9 @@ def train(
                 break
         if step != last_saved:
             result.checkpoint = save()
+        if is_rank0:
+            state = "finished" if step >= total_steps else "stopped"
+            write_status(run_dir, state, step, total_steps, signal=stop.signal)
     finally:
         stop.restore()
         writer.close()

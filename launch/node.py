@@ -1,0 +1,52 @@
+"""torchrun for one node, passing pre-emption signals on to the training processes.
+
+    python -m megatron_dyt.launch.node [torchrun options] -m megatron_dyt.cli train …
+
+SLURM's `--signal=USR1@T` (and `scancel --signal=USR1`) reaches every task of a job step,
+which here is torchrun's agent. torchrun has no handler for SIGUSR1, so the signal would kill
+the agent and, with it, the workers before they save. This runs torchrun's own entry point in
+this process after installing a handler that sends SIGUSR1 to the worker processes (this
+process's children); the trainer then saves a checkpoint and exits 0, and torchrun returns 0.
+SIGTERM (`scancel`, `scontrol requeue`) keeps torchrun's behaviour: it passes it on itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+def child_pids(parent: int) -> list[int]:
+    """Processes whose parent is `parent` (Linux /proc; torchrun starts workers directly)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the process ended while we looked
+            continue
+        # "pid (comm) state ppid …": comm may hold spaces or parentheses, so split after it.
+        fields = text[text.rindex(")") + 2 :].split()
+        if int(fields[1]) == parent:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def _forward(signum: int, _frame) -> None:
+    for pid in child_pids(os.getpid()):
+        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+            os.kill(pid, signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.run import main as torchrun
+
+    signal.signal(signal.SIGUSR1, _forward)
+    torchrun(sys.argv[1:] if argv is None else argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""`megatron-dyt launch`: sbatch scripts, layout checks, and real jobs on a two-node SLURM
+cluster on localhost (tests/slurm_cluster.py): DP=2 across the nodes equals a local DP=2 run,
+and a pre-empted job checkpoints, requeues itself and resumes without losing a step."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from common import train_dict
+from slurm_cluster import Cluster, unavailable_reason
+
+from megatron_dyt.config import config_from_dict
+from megatron_dyt.launch.layout import job_layout
+from megatron_dyt.launch.slurm import SlurmOptions, render
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "megatron_dyt.cli"]
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT
+    )
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def write_config(tmp_path: Path, corpus: dict, **train) -> Path:
+    cfg = train_dict(corpus, zero=1, **train)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# ---- scripts and layout checks (no cluster needed) ------------------------------------------
+
+
+def test_70b_script_on_16_nodes_of_8_gpus():
+    from megatron_dyt.config import load_config
+
+    cfg = load_config(ROOT / "configs/llama-70b-dyt.yaml")
+    opts = SlurmOptions(nodes=16, gpus_per_node=8, partition="gpu", time="2-00:00:00")
+    script, layout = render(cfg, Path("/scratch/runs/70b"), opts, stamp="S", python="/py")
+    assert (layout.tensor, layout.pipeline, layout.data) == (8, 4, 4)
+    for line in [
+        "#SBATCH --nodes=16",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=2-00:00:00",
+        "#SBATCH --signal=USR1@300",
+        "#SBATCH --requeue",
+        "#SBATCH --output=/scratch/runs/70b/logs/slurm-%j.out",
+        '--rdzv-backend=c10d --rdzv-endpoint="$HEAD_NODE:$PORT"',
+        "--nproc-per-node=8",
+        'scontrol show hostnames "$SLURM_JOB_NODELIST"',
+        'scontrol requeue "$SLURM_JOB_ID"',
+    ]:
+        assert line in script, line
+    # The frozen config in the script is the config.
+    frozen = script.split("<<'MEGATRON_DYT_CONFIG'\n")[1].split("MEGATRON_DYT_CONFIG")[0]
+    assert config_from_dict(yaml.safe_load(frozen)) == cfg
+    bash = shutil.which("bash")
+    assert subprocess.run([bash, "-n"], input=script, text=True).returncode == 0  # valid bash
+
+
+def test_srun_launcher_starts_one_task_per_gpu():
+    from megatron_dyt.config import load_config
+
+    cfg = load_config(ROOT / "configs/llama-7b-dyt.yaml", ["parallel.tensor=2"])
+    script, layout = render(cfg, Path("/r"), SlurmOptions(nodes=2, launcher="srun"), python="p")
+    assert layout.data == 8 and "#SBATCH --ntasks-per-node=8" in script
+    assert "RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID" in script
+
+
+def test_layout_errors_name_the_numbers():
+    cfg = config_from_dict(train_dict({"tokenizer": "t", "prefix": "p", "cache": "c"}, tp=2))
+    with pytest.raises(ValueError, match=r"3 processes, which is not a multiple of .* = 2"):
+        job_layout(cfg, 3, 1)
+    with pytest.raises(ValueError, match="not divisible by train.micro_batch_size"):
+        job_layout(cfg, 2, 3)  # DP 3 does not split 8 sequences
+    with pytest.raises(ValueError, match="--nproc-per-node"):
+        _ = SlurmOptions(gpus_per_node=0).procs
+
+
+def test_bad_command_lines_are_one_clear_error(tmp_path, corpus):
+    config = write_config(tmp_path, corpus)
+    bad = cli(
+        "launch", "slurm", str(config), "parallel.tensor=2", "--nodes", "3",
+        "--gpus-per-node", "1", "--dry-run",
+    )  # fmt: skip
+    assert bad.returncode == 2 and "not a multiple of" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    missing = cli("launch", "slurm", "nope.yaml", "--nodes", "1", "--dry-run")
+    assert missing.returncode == 2 and "config file 'nope.yaml' does not exist" in missing.stderr
+    # sbatch not on PATH: only this interpreter's folder (no SLURM binaries) is left.
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}
+    no_sbatch = cli(
+        "launch", "slurm", str(config), "--nodes", "1", "--gpus-per-node", "0",
+        "--nproc-per-node", "1", "--run-dir", str(tmp_path / "r"), env=env,
+    )  # fmt: skip
+    assert no_sbatch.returncode == 2 and "sbatch is not on PATH" in no_sbatch.stderr
+    assert not (tmp_path / "r").exists()  # nothing written for a job that was not submitted
+    local = cli("launch", "local", str(config), "--nproc", "3", "--dry-run")
+    assert local.returncode == 2 and "not divisible" in local.stderr
+
+
+# ---- real jobs --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = unavailable_reason()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the SLURM tests, but: {reason}")
+        pytest.skip(reason)
+    c = Cluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus):
+    """A local DP=2 run (`launch local --nproc 2`) of the tiny config: what the jobs must equal."""
+    tmp = tmp_path_factory.mktemp("local")
+    config = write_config(tmp, corpus)
+    run = cli("launch", "local", str(config), "--nproc", "2", "--run-dir", str(tmp / "run"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return config, losses(tmp / "run")
+
+
+def submit(cluster: Cluster, *args: str) -> str:
+    out = subprocess.run(
+        [*CLI, "launch", "slurm", *args], env=cluster.env, capture_output=True, text=True, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split("submitted job ")[1].split(":")[0]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+def test_two_node_job_equals_a_local_run(cluster, reference, tmp_path, launcher):
+    config, expected = reference
+    run_dir = tmp_path / "run"
+    job = submit(
+        cluster, str(config), "--nodes", "2", "--gpus-per-node", "0", "--nproc-per-node", "1",
+        "--launcher", launcher, "--run-dir", str(run_dir),
+    )  # fmt: skip
+    state = cluster.wait(job)
+    log = (run_dir / "logs" / f"slurm-{job}.out").read_text()
+    assert state["JobState"] == "COMPLETED", log[-3000:]
+    assert "2 node(s) n[1-2]" in log  # both nodes took part
+    got = losses(run_dir)
+    assert sorted(got) == sorted(expected)
+    for step, loss in expected.items():  # same processes, same data order, same reductions
+        assert got[step] == pytest.approx(loss, rel=1e-6, abs=0), step
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000008"
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(cluster, corpus, tmp_path):
+    steps = 60
+    config = write_config(tmp_path, corpus, train_steps=steps)
+    run_dir = tmp_path / "run"
+    job = submit(
+        cluster, str(config), "--nodes", "2", "--gpus-per-node", "0", "--nproc-per-node", "1",
+        "--run-dir", str(run_dir),
+    )  # fmt: skip
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert time.time() < deadline, "the job never started training"
+        time.sleep(0.2)
+    cluster.run("scancel", "--signal=USR1", job)  # what SLURM sends before the time limit
+    state = cluster.wait(job)
+    log = (run_dir / "logs" / f"slurm-{job}.out").read_text()
+    assert state["JobState"] == "COMPLETED", log[-3000:]
+    assert int(state["Restarts"]) == 1, log[-3000:]
+    assert "requeueing job" in log and "resuming from" in log
+    stopped_at = int(log.split("saved ")[1].split("step_")[1].split(",")[0])
+    assert 3 <= stopped_at < steps  # it stopped early, with a checkpoint ...
+    got = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert got == list(range(1, steps + 1))  # ... and no step was lost or repeated
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
