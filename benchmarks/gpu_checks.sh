@@ -23,7 +23,6 @@ phase() {  # name, seconds, command...
 phase tests "${TESTS_S:-90}" python3 -m pytest -q -p no:cacheprovider -o addopts="" \
   "$REPO/tests/test_kernels.py"
 phase step "${STEP_S:-90}" python3 -m megatron_dyt.kernels.bench_step --json "$OUT/step.json"
-phase bench "${BENCH_S:-300}" python3 -m megatron_dyt.kernels.bench --json "$OUT/kernels.json"
-# Block sizes: tune on the two large shapes, then the DyT table at one shape with the choice.
-phase tune "${TUNE_S:-100}" python3 -m megatron_dyt.kernels.bench --tune --ops dyt \
-  --tune-shapes 16384x4096,32768x8192 --shapes 16384x4096 --json "$OUT/tune.json"
+# Block sizes: tune ours on the two large DyT shapes, then the whole table with the choice.
+phase bench "${BENCH_S:-300}" python3 -m megatron_dyt.kernels.bench --tune \
+  --tune-shapes 16384x4096,32768x8192 --json "$OUT/kernels.json"

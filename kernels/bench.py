@@ -211,11 +211,15 @@ def run(
 
 # --tune: launch configurations of ours to try (forward knobs for fwd, backward knobs for fwd+bwd).
 FWD_GRID = [
-    dict(fwd_tile=tile, fwd_max_block_n=bn, fwd_warps=w)
+    dict(fwd_flat=0, fwd_tile=tile, fwd_max_block_n=bn, fwd_warps=w)
     for tile in (2048, 4096, 8192)
     for bn in (512, 1024, 2048)
     for w in (4, 8)
     if bn <= tile
+] + [
+    dict(fwd_flat=1, fwd_tile=tile, fwd_warps=w)
+    for tile in (1024, 2048, 4096, 8192)
+    for w in (4, 8)
 ]
 BWD_GRID = [
     dict(bwd_tile=tile, bwd_max_block_n=bn, bwd_warps=w, bwd_programs_per_sm=p)
@@ -248,8 +252,11 @@ def tune(
             for pass_, grid in (("fwd", FWD_GRID), ("fwd+bwd", BWD_GRID)):
                 timings = []
                 for config in grid:
-                    with tuning(**config):
-                        timings.append((time_impl(ours, x, r, pass_, do_bench), config))
+                    try:
+                        with tuning(**config):
+                            timings.append((time_impl(ours, x, r, pass_, do_bench), config))
+                    except Exception as exc:  # a configuration that does not compile/run
+                        print(f"{op} {tokens}x{hidden} {pass_} {config}: failed ({exc})")
                 timings.sort(key=lambda t: t[0])
                 for us, config in timings[:3]:
                     print(f"{op:<13} {tokens}x{hidden:<7} {pass_:<8} {us:>9.1f} µs  {config}")
@@ -306,6 +313,33 @@ def _format_row(row: Row) -> str:
     )
 
 
+def markdown(result: dict) -> str:
+    """The results as a Markdown table: µs and % of the floor per implementation, best in bold."""
+    impls = [i for i in ("ours", "liger", "compile", "rms_norm", "eager")
+             if any(r["impl"] == i for r in result["rows"])]  # fmt: skip
+    cases: dict[tuple, dict[str, dict]] = {}
+    for row in result["rows"]:
+        key = (row["op"], "×".join(map(str, row["shape"])), row["pass"])
+        cases.setdefault(key, {})[row["impl"]] = row
+    lines = [
+        "| op | shape | pass | floor µs | " + " | ".join(impls) + " |",
+        "|---|---|---|---:|" + "---:|" * len(impls),
+    ]
+    for (op, shape, pass_), rows in cases.items():
+        best = min(r["us"] for r in rows.values())
+        floor = next(iter(rows.values()))["floor_us"]
+        cells = []
+        for impl in impls:
+            r = rows.get(impl)
+            if r is None:
+                cells.append("—")
+                continue
+            text = f"{r['us']:.1f} ({100 * floor / r['us']:.0f}%)"
+            cells.append(f"**{text}**" if r["us"] == best else text)
+        lines.append(f"| {op} | {shape} | {pass_} | {floor:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m megatron_dyt.kernels.bench", description=__doc__
@@ -323,7 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tune-shapes", help="shapes to tune on (default: --shapes); TOKENSxHIDDEN,..."
     )
+    parser.add_argument(
+        "--table", type=Path, metavar="JSON", help="print a results file as Markdown and exit"
+    )
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown(json.loads(args.table.read_text())), end="")
+        return 0
     shapes = parse_shapes(args.shapes)
     ops = args.ops.split(",")
     unknown = sorted(set(ops) - set(OPS))

@@ -7,8 +7,8 @@ hardtanh, sigmoid, identity) with no shift s, Derf is f = erf with a learnable s
   residual variant reads x and r, writes h = x + r and y). Nothing else touches memory.
 - Backward: reads x (or h) and dy once, writes dx; f(α·x) is recomputed, never stored. dγ, dβ,
   dα and ds are reduced deterministically in two stages: every program owns a fixed block of rows
-  of a column tile and writes its fp32 partial sums; a fixed-order `sum(0)` over the partials
-  finishes them. The grid depends only on the shape and the GPU, so gradients are bit-identical
+  of a column tile and writes its fp32 partial sums; a second small kernel sums the partials in
+  a fixed order and writes the gradients in the parameters' dtypes. The grid depends only on the shape and the GPU, so gradients are bit-identical
   run to run.
 - Inputs bf16 / fp16 / fp32, math in fp32, outputs in the input dtype; parameters may be any
   float dtype and their gradients come back in it.
@@ -54,8 +54,8 @@ _helper = (lambda fn: fn) if INTERPRET else triton.jit
 
 
 @_helper
-def _tanh(z):
-    # libdevice's tanh is not available to the interpreter, so tanh is built from exp: an odd
+def _tanh_from_exp(z):
+    # libdevice's tanh is not available to the interpreter, so there tanh is built from exp: an odd
     # Taylor polynomial below |z| = 0.4 (where 1 - 2/(e^2|z| + 1) would lose digits to
     # cancellation; the first omitted term is < 1e-8 relative there), the exp form above it.
     # |z| is capped at 15, where tanh is 1 in fp32 already, so exp never overflows.
@@ -70,6 +70,18 @@ def _tanh(z):
     p = p * z2 - 0.33333333333333333
     small = zs + zs * z2 * p
     return tl.where(a < 0.4, small, tl.where(z < 0.0, -big, big))
+
+
+if INTERPRET:
+    _tanh = _tanh_from_exp
+else:
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def _tanh(z):
+        # On a GPU, libdevice's tanh: as accurate, and far fewer instructions than the exp
+        # form (no IEEE division), which matters when bf16 traffic runs at 4 TB/s.
+        return libdevice.tanh(z)
 
 
 @_helper
@@ -168,6 +180,48 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _fwd_flat_kernel(
+    X,
+    R,
+    H,
+    Y,
+    ALPHA,
+    SHIFT,
+    W,
+    B,
+    TOTAL,
+    N,
+    ACT: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The forward over the flattened tensor: BLOCK contiguous elements per program, γ and β
+    gathered by column (they stay in L1/L2). Long contiguous runs per program, no 2-D tiling."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < TOTAL
+    cols = offs % N
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        h = _cast(
+            x + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32),
+            H.dtype.element_ty,
+            EXACT_BF16,
+        )
+        tl.store(H + offs, h, mask=mask)
+        x = h.to(tl.float32)
+    z = tl.load(ALPHA).to(tl.float32) * x
+    if HAS_SHIFT:
+        z = z + tl.load(SHIFT).to(tl.float32)
+    y = _squash(z, ACT) * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + offs, _cast(y, Y.dtype.element_ty, EXACT_BF16), mask=mask)
+
+
+@triton.jit
 def _bwd_kernel(
     DY,
     X,
@@ -239,29 +293,79 @@ def _bwd_kernel(
     tl.store(PART_AS + slot + 1, tl.sum(acc_s, axis=0))
 
 
+@triton.jit
+def _finish_kernel(
+    PART_W,
+    PART_B,
+    PART_AS,
+    DW,
+    DB,
+    DA,
+    DS,
+    ROWS,
+    N,
+    SLOTS,
+    HAS_SHIFT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EXACT_W: tl.constexpr,
+    EXACT_B: tl.constexpr,
+    EXACT_A: tl.constexpr,
+    EXACT_S: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Second stage of the reductions, in one launch: dγ (and dβ) = the column sums of the
+    partials over the row programs, in a fixed order; program 0 also sums the dα / ds partials.
+    Results are written in the parameters' dtypes."""
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    acc_w = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r in range(0, ROWS):
+        acc_w += tl.load(PART_W + r * N + cols, mask=col_ok, other=0.0)
+        if HAS_BIAS:
+            acc_b += tl.load(PART_B + r * N + cols, mask=col_ok, other=0.0)
+    tl.store(DW + cols, _cast(acc_w, DW.dtype.element_ty, EXACT_W), mask=col_ok)
+    if HAS_BIAS:
+        tl.store(DB + cols, _cast(acc_b, DB.dtype.element_ty, EXACT_B), mask=col_ok)
+    if pid == 0:
+        acc_a = tl.zeros((BLOCK_S,), dtype=tl.float32)
+        acc_s = tl.zeros((BLOCK_S,), dtype=tl.float32)
+        for start in range(0, SLOTS, BLOCK_S):
+            slot = start + tl.arange(0, BLOCK_S)
+            ok = slot < SLOTS
+            acc_a += tl.load(PART_AS + slot * 2, mask=ok, other=0.0)
+            acc_s += tl.load(PART_AS + slot * 2 + 1, mask=ok, other=0.0)
+        tl.store(DA, _cast(tl.sum(acc_a, axis=0), DA.dtype.element_ty, EXACT_A))
+        if HAS_SHIFT:
+            tl.store(DS, _cast(tl.sum(acc_s, axis=0), DS.dtype.element_ty, EXACT_S))
+
+
 # ---- launch configuration -------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
-    """Block sizes, warps and grid shape. The CUDA defaults are unmeasured first guesses for
-    H100-class GPUs, chosen from register counts of sm_90 builds (~60 registers forward, ~70
-    backward, so several programs share an SM); `python -m megatron_dyt.kernels.bench --tune`
-    times alternatives.
+    """Block sizes, warps and grid shape. The CUDA defaults are what `python -m
+    megatron_dyt.kernels.bench --tune` chose on an H200 (best geometric mean over DyT, Derf and
+    residual DyT at 16384×4096 and 32768×8192; benchmarks/results/kernels-h200.json).
 
     The backward grid (and so the reduction order) depends only on these, the shape and the
     GPU's SM count, never on timing: no autotuning, so gradients stay bit-identical.
     """
 
-    fwd_tile: int = 4096  # elements per forward program (BLOCK_M·BLOCK_N): 16 per thread
-    fwd_max_block_n: int = 1024
-    fwd_warps: int = 8
-    bwd_tile: int = 1024  # elements per backward loop step: 8 per thread
+    fwd_tile: int = 4096  # elements per forward program (BLOCK_M·BLOCK_N): 32 per thread
+    fwd_flat: int = 0  # 1: the flattened forward kernel (fwd_tile elements per program)
+    fwd_max_block_n: int = 2048
+    fwd_warps: int = 4
+    bwd_tile: int = 2048  # elements per backward loop step: 16 per thread
     bwd_max_block_n: int = 256  # narrow column tiles: parallelism without bigger partials
     bwd_warps: int = 4
     bwd_programs_per_sm: int = 8
     bwd_min_rows: int = 64  # rows per program at least, so the partials stay ~2% of traffic
     sm_count: int = 0  # 0: ask the GPU
+    finish_block_n: int = 1024  # columns per program of the second reduction stage
 
 
 # The interpreter pays per program and per jit-function call, not per element: big tiles.
@@ -330,11 +434,58 @@ def _exact_bf16(x: Tensor) -> bool:
     return INTERPRET and x.dtype == torch.bfloat16
 
 
+def _dtype(t: Tensor | None, default: Tensor) -> torch.dtype:
+    return default.dtype if t is None else t.dtype
+
+
 def _rows(x: Tensor) -> Tensor:
     return x.contiguous().view(-1, x.shape[-1])
 
 
 # ---- custom ops -----------------------------------------------------------------------------
+
+
+def _launch_forward(
+    x2: Tensor,
+    r2: Tensor | None,
+    h: Tensor | None,
+    y: Tensor,
+    alpha: Tensor,
+    shift: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    act: int,
+) -> None:
+    m, n = x2.shape
+    if m == 0:
+        return
+    t = _tuning_for(x2.device)
+    common = dict(
+        ACT=act,
+        HAS_SHIFT=shift is not None,
+        HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=r2 is not None,
+        EXACT_BF16=_exact_bf16(x2),
+        num_warps=t.fwd_warps,
+    )
+    # Unused pointers get stand-ins that are read-only inputs of the same dtype.
+    args = (
+        x2,
+        x2 if r2 is None else r2,
+        x2 if h is None else h,
+        y,
+        alpha,
+        alpha if shift is None else shift,
+        weight,
+        weight if bias is None else bias,
+    )
+    if t.fwd_flat:
+        grid = (triton.cdiv(m * n, t.fwd_tile),)
+        wrap_triton(_fwd_flat_kernel)[grid](*args, m * n, n, BLOCK=t.fwd_tile, **common)
+    else:
+        block_m, block_n, _ = _fwd_config(n, x2.device)
+        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+        wrap_triton(_fwd_kernel)[grid](*args, m, n, BLOCK_M=block_m, BLOCK_N=block_n, **common)
 
 
 @triton_op("megatron_dyt::dyt", mutates_args=())
@@ -348,30 +499,7 @@ def _dyt(
 ) -> Tensor:
     x2 = _rows(x)
     y = torch.empty_like(x2)
-    m, n = x2.shape
-    if m > 0:
-        block_m, block_n, warps = _fwd_config(n, x.device)
-        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-        wrap_triton(_fwd_kernel)[grid](
-            x2,
-            x2,  # R and H: unused without a residual (only read-only inputs stand in)
-            x2,
-            y,
-            alpha,
-            alpha if shift is None else shift,
-            weight,
-            weight if bias is None else bias,
-            m,
-            n,
-            ACT=act,
-            HAS_SHIFT=shift is not None,
-            HAS_BIAS=bias is not None,
-            HAS_RESIDUAL=False,
-            EXACT_BF16=_exact_bf16(x),
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            num_warps=warps,
-        )
+    _launch_forward(x2, None, None, y, alpha, shift, weight, bias, act)
     return y.view(x.shape)
 
 
@@ -388,30 +516,7 @@ def _residual_dyt(
     x2, r2 = _rows(x), _rows(r)
     h = torch.empty_like(x2)
     y = torch.empty_like(x2)
-    m, n = x2.shape
-    if m > 0:
-        block_m, block_n, warps = _fwd_config(n, x.device)
-        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-        wrap_triton(_fwd_kernel)[grid](
-            x2,
-            r2,
-            h,
-            y,
-            alpha,
-            alpha if shift is None else shift,
-            weight,
-            weight if bias is None else bias,
-            m,
-            n,
-            ACT=act,
-            HAS_SHIFT=shift is not None,
-            HAS_BIAS=bias is not None,
-            HAS_RESIDUAL=True,
-            EXACT_BF16=_exact_bf16(x),
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            num_warps=warps,
-        )
+    _launch_forward(x2, r2, h, y, alpha, shift, weight, bias, act)
     return h.view(x.shape), y.view(x.shape)
 
 
@@ -422,11 +527,12 @@ def _dyt_backward(
     alpha: Tensor,
     shift: Tensor | None,
     weight: Tensor,
+    bias: Tensor | None,
     dh: Tensor | None,
     act: int,
-    has_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx [+ dh], dα, ds, dγ, dβ); the parameter gradients in fp32, dβ empty without a bias."""
+    """(dx [+ dh], dα, ds, dγ, dβ), each parameter gradient in its parameter's dtype; ds is
+    empty without a shift and dβ without a bias (`bias` is passed only for its dtype)."""
     x2, dy2 = _rows(x), _rows(dy)
     dh2 = None if dh is None else _rows(dh)
     m, n = x2.shape
@@ -434,66 +540,78 @@ def _dyt_backward(
     block_m, block_n, rows_per_program, row_programs, warps = _bwd_config(m, n, x.device)
     col_blocks = triton.cdiv(n, block_n)
     f32 = {"device": x.device, "dtype": torch.float32}
+    has_bias = bias is not None
     part_w = torch.empty((row_programs, n), **f32)
     part_b = torch.empty((row_programs if has_bias else 0, n), **f32)
     part_as = torch.empty((row_programs * col_blocks, 2), **f32)
-    if m > 0:
-        wrap_triton(_bwd_kernel)[(row_programs, col_blocks)](
-            dy2,
-            x2,
-            x2 if dh2 is None else dh2,  # unused stand-ins are always read-only inputs
-            dx,
-            alpha,
-            alpha if shift is None else shift,
-            weight,
-            part_w,
-            weight if part_b.numel() == 0 else part_b,
-            part_as,
-            m,
-            n,
-            rows_per_program,
-            ACT=act,
-            HAS_SHIFT=shift is not None,
-            HAS_BIAS=has_bias,
-            HAS_DH=dh2 is not None,
-            EXACT_BF16=_exact_bf16(x),
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            num_warps=warps,
-        )
-    dalpha_shift = part_as.sum(0)
-    return (
-        dx.view(x.shape),
-        dalpha_shift[0:1].clone(),
-        dalpha_shift[1:2].clone(),
-        part_w.sum(0),
-        part_b.sum(0) if has_bias else part_b.new_empty(0),
+    dalpha = torch.empty_like(alpha)
+    dshift = torch.empty(0 if shift is None else 1, device=x.device, dtype=_dtype(shift, alpha))
+    dweight = torch.empty_like(weight)
+    dbias = torch.empty(0 if bias is None else n, device=x.device, dtype=_dtype(bias, weight))
+    if m == 0:
+        return dx.view(x.shape), dalpha.zero_(), dshift.zero_(), dweight.zero_(), dbias.zero_()
+    wrap_triton(_bwd_kernel)[(row_programs, col_blocks)](
+        dy2,
+        x2,
+        x2 if dh2 is None else dh2,  # unused stand-ins are always read-only inputs
+        dx,
+        alpha,
+        alpha if shift is None else shift,
+        weight,
+        part_w,
+        weight if part_b.numel() == 0 else part_b,
+        part_as,
+        m,
+        n,
+        rows_per_program,
+        ACT=act,
+        HAS_SHIFT=shift is not None,
+        HAS_BIAS=has_bias,
+        HAS_DH=dh2 is not None,
+        EXACT_BF16=_exact_bf16(x),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=warps,
     )
+    finish_n = min(triton.next_power_of_2(n), _tuning_for(x.device).finish_block_n)
+    wrap_triton(_finish_kernel)[(triton.cdiv(n, finish_n),)](
+        part_w,
+        part_w if part_b.numel() == 0 else part_b,
+        part_as,
+        dweight,
+        dweight if dbias.numel() == 0 else dbias,
+        dalpha,
+        dalpha if dshift.numel() == 0 else dshift,
+        row_programs,
+        n,
+        row_programs * col_blocks,
+        HAS_SHIFT=shift is not None,
+        HAS_BIAS=has_bias,
+        EXACT_W=_exact_bf16(dweight),
+        EXACT_B=_exact_bf16(dbias),
+        EXACT_A=_exact_bf16(dalpha),
+        EXACT_S=_exact_bf16(dshift),
+        BLOCK_N=finish_n,
+        BLOCK_S=256,
+    )
+    return dx.view(x.shape), dalpha, dshift, dweight, dbias
 
 
 # ---- autograd -------------------------------------------------------------------------------
 
 
 def _setup(ctx, norm_input: Tensor, alpha, shift, weight, bias, act: int) -> None:
-    ctx.save_for_backward(norm_input, alpha, shift, weight)
+    ctx.save_for_backward(norm_input, alpha, shift, weight, bias)
     ctx.act = act
-    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, dy: Tensor | None, dh: Tensor | None) -> tuple[Tensor | None, ...]:
     """(dL/d norm input [+ dh], dα, ds, dγ, dβ), the parameter gradients in their dtypes."""
-    x, alpha, shift, weight = ctx.saved_tensors  # unpacked once: checkpointing insists
+    x, alpha, shift, weight, bias = ctx.saved_tensors  # unpacked once: checkpointing insists
     if dy is None:
         dy = torch.zeros_like(x)
-    has_bias = ctx.bias_dtype is not None
-    dx, da, ds, dw, db = _dyt_backward(dy, x, alpha, shift, weight, dh, ctx.act, has_bias)
-    return (
-        dx,
-        da.to(alpha.dtype),
-        None if shift is None else ds.to(shift.dtype),
-        dw.to(weight.dtype),
-        db.to(ctx.bias_dtype) if has_bias else None,
-    )
+    dx, da, ds, dw, db = _dyt_backward(dy, x, alpha, shift, weight, bias, dh, ctx.act)
+    return dx, da, None if shift is None else ds, dw, None if bias is None else db
 
 
 def _dyt_setup_context(ctx, inputs, output) -> None:

@@ -127,6 +127,21 @@ def test_forward_and_gradients_match_the_reference_half(kind, squash, beta, dtyp
     _check_against_reference(kind, squash, beta, (4, 9, 80), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind,squash,beta", [VARIANTS[1], VARIANTS[5]], ids=["dyt", "derf"])
+def test_flat_forward_kernel_matches_the_reference(kind, squash, beta, dtype):
+    # The flattened forward (a launch option): blocks of 64 elements straddle rows of 80, and
+    # the last block is ragged (37 × 80 = 2960 = 46 × 64 + 16); the fused residual variant too.
+    with ops.tuning(fwd_flat=1, fwd_tile=64):
+        _check_against_reference(kind, squash, beta, (37, 80), dtype)
+        norm = _reference(kind, squash, beta, 80)
+        x, r = _inputs((37, 80), dtype), _inputs((37, 80), dtype, seed=3)
+        h, y = _residual_kernel(norm, x, r)
+    tol = TOL[dtype]["out"]
+    _assert_close(h, x + r, (0, 0), "h")
+    _assert_close(y, norm(x + r), tol, "y")
+
+
 @pytest.mark.parametrize("hidden", [5120, 22016])
 def test_large_non_power_of_two_hidden_sizes(hidden):
     _check_against_reference("dyt", "tanh", False, (3, hidden), torch.float32)
@@ -257,7 +272,7 @@ def test_opcheck():
         (torch.ops.megatron_dyt.residual_dyt.default, (x, x.detach() * 2, alpha, shift, w, b, 4)),
         (
             torch.ops.megatron_dyt.dyt_backward.default,
-            (x.detach(), x.detach(), alpha.detach(), None, w.detach(), None, 0, False),
+            (x.detach(), x.detach(), alpha.detach(), None, w.detach(), None, None, 0),
         ),
     ]:
         torch.library.opcheck(op, args, test_utils=utils)
@@ -566,6 +581,17 @@ def test_tuning_picks_the_best_geometric_mean_over_cases():
         {"pass": "fwd+bwd", "timings": [{"us": 3.0, "config": a}, {"us": 4.0, "config": b}]},
     ]
     assert bench.best_configs(cases) == {"fwd": b, "fwd+bwd": a}
+
+
+def test_results_table_marks_the_fastest_and_the_share_of_the_floor():
+    from megatron_dyt.kernels import bench
+
+    row = dict(op="dyt", shape=[8, 64], floor_us=10.0)
+    result = {"rows": [{**row, "pass": "fwd", "impl": "ours", "us": 12.5},
+                       {**row, "pass": "fwd", "impl": "eager", "us": 40.0}]}  # fmt: skip
+    table = bench.markdown(result).splitlines()
+    assert table[0] == "| op | shape | pass | floor µs | ours | eager |"
+    assert table[2] == "| dyt | 8×64 | fwd | 10.0 | **12.5 (80%)** | 40.0 (25%) |"
 
 
 def test_training_step_benchmark_code_path_runs(tmp_path):
