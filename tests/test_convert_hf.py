@@ -80,9 +80,9 @@ def _cfg(kind: str, tp: int = 2, pp: int = 2, **model):
 
 @pytest.fixture(scope="module")
 def trained(corpus, tmp_path_factory) -> Path:
-    """A DyT model trained 3 steps at TP=2, PP=2 by the real trainer (4 gloo processes)."""
+    """A DyT model trained 2 steps at TP=2, PP=2 by the real trainer (4 gloo processes)."""
     tmp = tmp_path_factory.mktemp("trained")
-    cfg = train_dict(corpus, tp=2, pp=2, zero=1, train_steps=3)
+    cfg = train_dict(corpus, tp=2, pp=2, zero=1, train_steps=2)
     cfg["model"]["norm"]["backend"] = "torch"
     distributed.run(train_worker, 4, cfg, str(tmp / "run"), tmp_path=tmp)
     return tmp / "run"
@@ -377,6 +377,15 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys):
     code, err = _run_cli(["from-hf", str(llama), str(tmp_path / "o5"), "--pp", "3"], capsys)
     assert code == 2 and "model.num_layers=2 is not divisible by parallel.pipeline=3" in err
     assert not (tmp_path / "o4").exists() and not (tmp_path / "o5").exists()
+
+    # An output folder that holds something is only replaced with --force.
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy/run.txt").write_text("x")
+    code, err = _run_cli(["from-hf", str(llama), str(tmp_path / "busy")], capsys)
+    assert code == 2 and "is not empty; pass --force" in err
+    code, _ = _run_cli(["from-hf", str(llama), str(tmp_path / "busy"), "--force"], capsys)
+    assert code == 0 and not (tmp_path / "busy/run.txt").exists()
+    assert ckpt.resolve(tmp_path / "busy").name == "step_0000000"
 
     # An unsupported LLaMA variant: the key is named.
     scaled = tmp_path / "scaled"

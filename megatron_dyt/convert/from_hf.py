@@ -206,6 +206,7 @@ def import_from_hf(
     """Convert; returns the checkpoint folder (`OUT/checkpoints/step_0000000`)."""
     import shutil
 
+    from megatron_dyt.convert.outdir import finish_out_dir, prepare_out_dir
     from megatron_dyt.convert.writer import write_checkpoint
 
     hf_dir, out = Path(hf_dir), Path(out)
@@ -231,7 +232,7 @@ def import_from_hf(
         )
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
     rows = weights.get("model.embed_tokens.weight", torch.empty(0, 0)).shape[0]
-    source_cfg = _with_vocab(source, target, rows)
+    source_cfg = _with_vocab(source, target)
     full = from_hf_state_dict(weights, source_cfg, str(hf_dir))
     del weights
     if norm is not None:
@@ -252,22 +253,26 @@ def import_from_hf(
             ConvertNotice,
             stacklevel=2,
         )
-    if out.exists() and force:
-        shutil.rmtree(out)
-    return write_checkpoint(
-        full,
-        target,
-        out,
-        tokenizer=tokenizer if tokenizer.is_file() else None,
-        info={"imported_from": str(hf_dir.resolve())},
-        progress=progress,
-    )
+    tmp = prepare_out_dir(out, force)
+    try:
+        folder = write_checkpoint(
+            full,
+            target,
+            tmp,
+            tokenizer=tokenizer if tokenizer.is_file() else None,
+            info={"imported_from": str(hf_dir.resolve())},
+            progress=progress,
+        )
+        finish_out_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / folder.relative_to(tmp)
 
 
-def _with_vocab(source: Config, target: Config, rows: int) -> Config:
-    """The source config at the target's padded vocabulary (rows beyond it are padding)."""
+def _with_vocab(source: Config, target: Config) -> Config:
+    """The source config at the target's padded vocabulary (fewer HF rows are padded)."""
     multiple = target.padded_vocab_size
-    del rows
     return source.model_copy(
         update={
             "model": source.model.model_copy(

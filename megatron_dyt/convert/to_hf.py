@@ -11,7 +11,6 @@ renamed into place, so a half-written export never looks complete.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import warnings
@@ -26,6 +25,7 @@ from megatron_dyt.convert.mapping import (
     needs_custom_code,
     to_hf_state_dict,
 )
+from megatron_dyt.convert.outdir import finish_out_dir, prepare_out_dir
 
 HF_CODE = Path(__file__).with_name("hf_code")
 CODE_FILES = ("configuration_megatron_dyt.py", "modeling_megatron_dyt.py")
@@ -64,28 +64,6 @@ def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
         groups[-1].append(name)
         size += nbytes
     return groups
-
-
-def prepare_out_dir(out: Path, force: bool) -> Path:
-    """Refuse a non-empty OUT (unless `force`); returns the temporary folder to write into."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ConvertError(f"output '{out}' exists and is not empty; pass --force to replace it")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def finish_out_dir(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place (an old OUT, with --force, is removed only now)."""
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def write_tokenizer(sp_model: Path, out: Path, max_length: int) -> None:

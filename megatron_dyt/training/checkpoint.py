@@ -157,6 +157,7 @@ def load(engine, root: Path, tag: str) -> dict[str, Any]:
         raise CheckpointError(f"DeepSpeed found no model states in checkpoint '{folder}'")
     if weights_only:
         client_state = {k: info[k] for k in ("step", "data_cursor", "skipped_batches") if k in info}
+        client_state["weights_only"] = True
     rng_file = folder / f"rng_rank{dist.get_rank():05d}.pt"
     if rng_file.is_file():
         try:
