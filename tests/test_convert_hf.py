@@ -197,7 +197,7 @@ def test_logits_match_transformers(kind, tmp_path):
     torch.testing.assert_close(theirs, _our_logits(full, cfg, tokens), atol=ATOL, rtol=0)
 
 
-def test_published_llama_imports_with_the_same_logits(tmp_path):
+def test_published_llama_imports_with_the_same_logits(corpus, tmp_path):
     """A stock transformers LLaMA (GQA, rope_theta ≠ 10⁴) → ours: the same function."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -217,7 +217,15 @@ def test_published_llama_imports_with_the_same_logits(tmp_path):
     model = LlamaForCausalLM(hf_cfg).eval()
     model.save_pretrained(tmp_path / "llama")
     with pytest.warns(UserWarning, match="padded with zero rows to 256"):
-        folder = import_from_hf(tmp_path / "llama", tmp_path / "ours", tp=2, pp=2, progress=False)
+        folder = import_from_hf(
+            tmp_path / "llama",
+            tmp_path / "ours",
+            tp=2,
+            pp=2,
+            tokenizer=corpus["tokenizer"],  # the folder has none of its own
+            progress=False,
+        )
+    assert (folder / "tokenizer.model").read_bytes() == Path(corpus["tokenizer"]).read_bytes()
     cfg = ckpt.read_config(folder)
     assert (cfg.model.norm.kind, cfg.model.vocab_size, cfg.padded_vocab_size) == (
         "rmsnorm",

@@ -45,6 +45,7 @@ def cmd_from_hf(args: argparse.Namespace) -> int:
         config=args.config,
         overrides=args.overrides,
         norm=args.norm,
+        tokenizer=args.tokenizer,
         force=args.force,
         progress=not args.no_progress,
     )
@@ -120,6 +121,10 @@ def add_from_hf(sub: argparse._SubParsersAction) -> None:
         "--norm",
         choices=["dyt", "derf"],
         help="turn an RMSNorm model's norms into DyT/Derf (γ kept, α = α₀ of the config)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        help="sentencepiece .model to store with the checkpoint (default: HF_DIR/tokenizer.model)",
     )
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -200,10 +200,15 @@ def import_from_hf(
     config: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     norm: str | None = None,
+    tokenizer: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Convert; returns the checkpoint folder (`OUT/checkpoints/step_0000000`)."""
+    """Convert; returns the checkpoint folder (`OUT/checkpoints/step_0000000`).
+
+    The tokenizer copied into the checkpoint is `tokenizer` (a sentencepiece .model) or the HF
+    folder's tokenizer.model.
+    """
     import shutil
 
     from megatron_dyt.convert.outdir import finish_out_dir, prepare_out_dir
@@ -245,11 +250,12 @@ def import_from_hf(
             ConvertNotice,
             stacklevel=2,
         )
-    tokenizer = hf_dir / "tokenizer.model"
+    tokenizer = Path(tokenizer) if tokenizer is not None else hf_dir / "tokenizer.model"
     if not tokenizer.is_file():
         warnings.warn(
-            f"'{hf_dir}' has no tokenizer.model (sentencepiece): the checkpoint has no tokenizer;"
-            " give data.tokenizer when training or evaluating it",
+            f"no sentencepiece tokenizer ('{tokenizer}' is missing): the checkpoint has none;"
+            " pass --tokenizer PATH.model (`eval` reads it from the checkpoint, `train` from"
+            " data.tokenizer)",
             ConvertNotice,
             stacklevel=2,
         )
