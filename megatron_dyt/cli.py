@@ -1,4 +1,4 @@
-"""The `megatron-dyt` command: info, data, train (eval, launch and convert arrive later)."""
+"""The `megatron-dyt` command: info, data, train, eval, convert (launch arrives later)."""
 
 from __future__ import annotations
 
@@ -214,7 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_dyt.launch.cli import add_launch_parser
 
     add_data_commands(sub)
+    from megatron_dyt.convert.cli import add_convert_parser
+
     add_launch_parser(sub)
+    add_convert_parser(sub)
     return parser
 
 

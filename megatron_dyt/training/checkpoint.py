@@ -131,9 +131,23 @@ def load(engine, root: Path, tag: str) -> dict[str, Any]:
             f"checkpoint '{folder}' is incomplete (no {COMPLETE}): it was interrupted while being"
             " written; remove it or resume from an earlier one"
         )
+    info = json.loads((folder / COMPLETE).read_text())
+    weights_only = bool(info.get("weights_only", False))
+    if weights_only and engine.zero_optimization_partition_weights():
+        raise CheckpointError(
+            f"checkpoint '{folder}' holds weights only (an import); it loads with"
+            " parallel.zero_stage 0, 1 or 2, not 3: start from it with ZeRO-1/2, save, then"
+            " switch to ZeRO-3 (or convert it with zero_stage<=2)"
+        )
     try:
+        # A weights-only checkpoint (`megatron-dyt convert from-hf`) has no optimizer or
+        # schedule state: the module is loaded and both start fresh (step 0).
         path, client_state = engine.load_checkpoint(
-            str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(root),
+            tag=tag,
+            load_optimizer_states=not weights_only,
+            load_lr_scheduler_states=not weights_only,
+            load_module_only=weights_only,
         )
     except Exception as exc:  # DeepSpeed raises whatever torch.load raised
         raise CheckpointError(
@@ -141,6 +155,9 @@ def load(engine, root: Path, tag: str) -> dict[str, Any]:
         ) from exc
     if path is None:
         raise CheckpointError(f"DeepSpeed found no model states in checkpoint '{folder}'")
+    if weights_only:
+        client_state = {k: info[k] for k in ("step", "data_cursor", "skipped_batches") if k in info}
+        client_state["weights_only"] = True
     rng_file = folder / f"rng_rank{dist.get_rank():05d}.pt"
     if rng_file.is_file():
         try:

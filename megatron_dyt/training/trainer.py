@@ -260,7 +260,13 @@ def train(
     if tag is not None:
         state = checkpoint.load(engine, ckpt_root, tag)
         step, cursor, skipped = _position(state)
-        if is_rank0:
+        if is_rank0 and state.get("weights_only"):
+            print(
+                f"starting from the weights in {ckpt_root / tag} (imported: fresh optimizer"
+                " and learning-rate schedule)",
+                flush=True,
+            )
+        elif is_rank0:
             print(f"resuming from {ckpt_root / tag} (step {step})", flush=True)
     result = TrainResult(run_dir=run_dir, start_step=step, step=step)
 

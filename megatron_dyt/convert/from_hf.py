@@ -1,0 +1,292 @@
+"""`megatron-dyt convert from-hf`: a LLaMA-layout HF folder → our checkpoint at a TP/PP layout.
+
+Any local LLaMA checkpoint works (safetensors, sharded or not, or pytorch_model.bin): a stock
+`LlamaForCausalLM` becomes an RMSNorm model, an export of ours comes back with its own config
+(norm kind, α₀, data and training settings, all stored in its config.json). The output is a run
+folder whose `checkpoints/step_0000000` holds the weights only: `megatron-dyt train` started on
+that folder loads them and begins with a fresh optimizer and schedule at step 0, and
+`megatron-dyt eval` reads it as it is.
+
+`--norm dyt|derf` turns an RMSNorm model into a DyT/Derf one for continued pretraining: every
+RMSNorm γ becomes the new norm's γ, α = α₀ of the target config's site (attention / mlp /
+final), β = 0 and Derf's shift = s₀. If the target model has the embedding scale, it starts at
+1.0, not √d: the pretrained blocks were trained on the embeddings' own scale, and √d would
+multiply the residual stream by tens. The scale and α stay learnable, so training adapts them.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_dyt.config import Config, config_from_dict, load_config
+from megatron_dyt.convert.mapping import (
+    OUR_CONFIG_KEY,
+    ConvertError,
+    check_hf_config,
+    from_hf_state_dict,
+    model_section_from_hf,
+)
+
+
+class ConvertNotice(UserWarning):
+    """Something the conversion did that the user should know about (padding, untying)."""
+
+
+def read_hf_config(hf_dir: Path) -> dict[str, Any]:
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise ConvertError(f"'{hf_dir}' has no config.json (expected a Hugging Face model folder)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConvertError(f"'{path}' is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ConvertError(f"'{path}' must hold a JSON object")
+    check_hf_config(config, str(path))
+    return config
+
+
+def _weight_files(hf_dir: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = hf_dir / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            files = sorted({hf_dir / f for f in weight_map.values()})
+            for f in files:
+                if not f.is_file():
+                    raise ConvertError(f"'{index}' names '{f.name}', which is missing")
+            return files
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (hf_dir / name).is_file():
+            return [hf_dir / name]
+    raise ConvertError(
+        f"'{hf_dir}' has no weights (model.safetensors, model.safetensors.index.json,"
+        " pytorch_model.bin or its index)"
+    )
+
+
+def read_hf_weights(hf_dir: Path, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of a HF folder, in fp32 on the CPU."""
+    from safetensors.torch import load_file
+    from tqdm import tqdm
+
+    out: dict[str, torch.Tensor] = {}
+    for path in tqdm(_weight_files(hf_dir), desc="read", unit="file", disable=not progress):
+        try:
+            if path.suffix == ".safetensors":
+                part = load_file(str(path))
+            else:
+                part = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ConvertError(f"cannot read '{path}': {type(exc).__name__}: {exc}") from None
+        out.update({k: v.to(torch.float32) for k, v in part.items()})
+    # Rotary caches some old exports saved; they are recomputed from rope_theta.
+    return {k: v for k, v in out.items() if not k.endswith("rotary_emb.inv_freq")}
+
+
+def target_config(
+    hf: dict[str, Any],
+    hf_dir: Path,
+    *,
+    tp: int,
+    pp: int,
+    config: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    norm: str | None = None,
+) -> tuple[Config, Config]:
+    """(config of the HF weights as they are, config of the checkpoint to write)."""
+    source_model = model_section_from_hf(hf)
+    if OUR_CONFIG_KEY in hf:  # our own export: its full config, exactly
+        base = json.loads(json.dumps(hf[OUR_CONFIG_KEY]))
+        source_model = base["model"]
+    else:
+        base = json.loads(json.dumps({"model": {"name": hf_dir.name, **source_model}}))
+    if config is not None:
+        tree = load_config(config, overrides).to_dict()
+    else:
+        tree = _apply(base, overrides)
+    tree.setdefault("parallel", {})
+    tree["parallel"].update(tensor=tp, pipeline=pp)
+    if pp > 1 and tree["parallel"].get("zero_stage", 1) > 1:
+        tree["parallel"]["zero_stage"] = 1
+    if tp == 1:
+        tree["parallel"]["sequence_parallel"] = False
+    model = tree.setdefault("model", {})
+    if norm is not None:
+        if source_model["norm"]["kind"] != "rmsnorm":
+            raise ConvertError(
+                f"--norm {norm}: the HF model's norms are {source_model['norm']['kind']!r};"
+                " only an RMSNorm model can be converted (its γ becomes the new norm's γ)"
+            )
+        model.setdefault("norm", {})["kind"] = norm
+        if config is None and not any(o.startswith("model.embedding_scale=") for o in overrides):
+            model["embedding_scale"] = True
+    else:
+        kind = model.get("norm", {}).get("kind", "rmsnorm")
+        if kind != source_model["norm"]["kind"]:
+            raise ConvertError(
+                f"model.norm.kind={kind!r} in {_describe(hf_dir, config)}, but the HF model's"
+                f" norms are {source_model['norm']['kind']!r}; pass --norm {kind} to convert"
+                " an RMSNorm model, or use a config with the HF model's norm"
+            )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # vocabulary padding is reported once, by the caller
+        target_cfg = config_from_dict(tree, _describe(hf_dir, config))
+        # The HF weights as they are: the target's shapes (checked tensor by tensor), the
+        # HF model's own norms and embedding scale.
+        source_tree = json.loads(json.dumps(tree))
+        source_tree["model"]["norm"] = source_model["norm"]
+        source_tree["model"]["embedding_scale"] = source_model["embedding_scale"]
+        source = config_from_dict(source_tree, f"{hf_dir / 'config.json'} (as read)")
+    if target_cfg.model.vocab_size < hf["vocab_size"] and OUR_CONFIG_KEY not in hf:
+        raise ConvertError(
+            f"model.vocab_size={target_cfg.model.vocab_size} is smaller than the HF model's"
+            f" vocab_size={hf['vocab_size']} ({hf_dir / 'config.json'}); rows would be lost"
+        )
+    return source, target_cfg
+
+
+def _apply(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    from megatron_dyt.config import parse_override
+
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = tree
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return tree
+
+
+def _describe(hf_dir: Path, config: str | Path | None) -> str:
+    return str(config) if config is not None else f"{hf_dir / 'config.json'} + overrides"
+
+
+def convert_norms(
+    full: dict[str, torch.Tensor], source: Config, target: Config
+) -> dict[str, torch.Tensor]:
+    """RMSNorm weights → DyT/Derf weights (γ kept, α = α₀ per site, β = 0, shift = s₀)."""
+    norm = target.model.norm
+    out = dict(full)
+    sites = [("attention", f"layers.{i}.attention_norm") for i in range(target.model.num_layers)]
+    sites += [("mlp", f"layers.{i}.mlp_norm") for i in range(target.model.num_layers)]
+    sites.append(("final", "output.norm"))
+    for site, name in sites:
+        gamma = full[name + ".weight"]
+        if norm.kind in ("dyt", "derf"):
+            out[name + ".alpha"] = torch.full((1,), norm.alpha(site))
+            if norm.beta:
+                out[name + ".bias"] = torch.zeros_like(gamma)
+        if norm.kind == "derf":
+            out[name + ".shift"] = torch.full((1,), norm.derf_shift)
+        if norm.kind == "layernorm":
+            out[name + ".bias"] = torch.zeros_like(gamma)
+    if target.model.embedding_scale and not source.model.embedding_scale:
+        out["embedding.scale"] = torch.ones(1)
+    return out
+
+
+def import_from_hf(
+    hf_dir: str | Path,
+    out: str | Path,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    config: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    norm: str | None = None,
+    tokenizer: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert; returns the checkpoint folder (`OUT/checkpoints/step_0000000`).
+
+    The tokenizer copied into the checkpoint is `tokenizer` (a sentencepiece .model) or the HF
+    folder's tokenizer.model.
+    """
+    import shutil
+
+    from megatron_dyt.convert.outdir import finish_out_dir, prepare_out_dir
+    from megatron_dyt.convert.writer import write_checkpoint
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    if not hf_dir.is_dir():
+        raise ConvertError(f"'{hf_dir}' is not a folder (expected a Hugging Face model folder)")
+    if norm is not None and norm not in ("dyt", "derf"):
+        raise ConvertError(f"--norm {norm!r}: allowed: dyt, derf")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ConvertError(f"output '{out}' exists and is not empty; pass --force to replace it")
+    hf = read_hf_config(hf_dir)
+    source, target = target_config(
+        hf, hf_dir, tp=tp, pp=pp, config=config, overrides=overrides, norm=norm
+    )
+    weights = read_hf_weights(hf_dir, progress)
+    if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
+        if not hf.get("tie_word_embeddings", False):
+            raise ConvertError(f"'{hf_dir}': tensor 'lm_head.weight' is missing")
+        warnings.warn(
+            "the HF model ties its output head to the embeddings (tie_word_embeddings=true);"
+            " our model keeps them separate: the head starts as a copy of the embeddings",
+            ConvertNotice,
+            stacklevel=2,
+        )
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    rows = weights.get("model.embed_tokens.weight", torch.empty(0, 0)).shape[0]
+    source_cfg = _with_vocab(source, target)
+    full = from_hf_state_dict(weights, source_cfg, str(hf_dir))
+    del weights
+    if norm is not None:
+        full = convert_norms(full, source, target)
+    if target.padded_vocab_size > rows:
+        warnings.warn(
+            f"vocabulary of {rows} rows padded with zero rows to {target.padded_vocab_size}"
+            f" (model.make_vocab_size_divisible_by={target.model.make_vocab_size_divisible_by}"
+            f", parallel.tensor={tp}); the extra rows match no token",
+            ConvertNotice,
+            stacklevel=2,
+        )
+    tokenizer = Path(tokenizer) if tokenizer is not None else hf_dir / "tokenizer.model"
+    if not tokenizer.is_file():
+        warnings.warn(
+            f"no sentencepiece tokenizer ('{tokenizer}' is missing): the checkpoint has none;"
+            " pass --tokenizer PATH.model (`eval` reads it from the checkpoint, `train` from"
+            " data.tokenizer)",
+            ConvertNotice,
+            stacklevel=2,
+        )
+    tmp = prepare_out_dir(out, force)
+    try:
+        folder = write_checkpoint(
+            full,
+            target,
+            tmp,
+            tokenizer=tokenizer if tokenizer.is_file() else None,
+            info={"imported_from": str(hf_dir.resolve())},
+            progress=progress,
+        )
+        finish_out_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / folder.relative_to(tmp)
+
+
+def _with_vocab(source: Config, target: Config) -> Config:
+    """The source config at the target's padded vocabulary (fewer HF rows are padded)."""
+    multiple = target.padded_vocab_size
+    return source.model_copy(
+        update={
+            "model": source.model.model_copy(
+                update={
+                    "vocab_size": target.model.vocab_size,
+                    "make_vocab_size_divisible_by": multiple,
+                }
+            ),
+            "parallel": target.parallel,
+        }
+    )

@@ -1,0 +1,359 @@
+"""Our canonical weights ↔ Hugging Face LLaMA weights, and our config ↔ a HF `config.json`.
+
+Layouts (full, unsharded tensors; `out × in` like `nn.Linear`):
+
+- Our fused QKV is laid out per key/value group: for each group g, the rows of its q heads, then
+  k_g, then v_g. HF keeps three matrices; query head h uses key/value head h // (heads/kv_heads),
+  the same grouping, so the split is a reshape and no row moves inside a head.
+- RoPE: both rotate halves (`rotate_half`, cos/sin of [freqs, freqs]), so q/k rows need no
+  permutation (Meta's original interleaved checkpoints do; their HF versions are already permuted).
+- Our fused gate/up weight is [gate; up] as a full tensor (TP stride 2 only changes how ranks
+  slice it), so HF's gate_proj is the first half and up_proj the second.
+- The vocabulary is exported padded (HF `vocab_size` = our padded vocab, as GPT-NeoX's export
+  does), so a round trip keeps every row; the tokenizer holds the real vocabulary.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from megatron_dyt.config import Config
+
+#: `model_type` of exports whose norms are not stock LLaMA's (custom modeling code).
+CUSTOM_MODEL_TYPE = "megatron_dyt_llama"
+CUSTOM_ARCH = "MegatronDytLlamaForCausalLM"
+LLAMA_ARCH = "LlamaForCausalLM"
+#: Key under which an export stores the full megatron-dyt config (for an exact re-import).
+OUR_CONFIG_KEY = "megatron_dyt_config"
+
+_NORM_SITES = {
+    "attention_norm": "input_layernorm",
+    "mlp_norm": "post_attention_layernorm",
+}
+
+
+class ConvertError(ValueError):
+    """Input a conversion cannot use; the message names the file, key or tensor."""
+
+
+def needs_custom_code(cfg: Config) -> bool:
+    """Stock `LlamaForCausalLM` holds RMSNorm models without an embedding scale only."""
+    return cfg.model.norm.kind != "rmsnorm" or cfg.model.embedding_scale
+
+
+# ---- names ----------------------------------------------------------------------------------
+
+
+def _norm_names(ours: str, hf: str, kind: str, beta: bool) -> list[tuple[str, str]]:
+    params = {
+        "rmsnorm": ["weight"],
+        "layernorm": ["weight", "bias"],
+        "dyt": ["alpha", "weight"] + (["bias"] if beta else []),
+        "derf": ["alpha", "shift", "weight"] + (["bias"] if beta else []),
+    }[kind]
+    return [(f"{ours}.{p}", f"{hf}.{p}") for p in params]
+
+
+def simple_names(cfg: Config) -> list[tuple[str, str]]:
+    """(our canonical name, HF name) of every tensor that maps one to one."""
+    m, norm = cfg.model, cfg.model.norm
+    pairs = [("embedding.word.weight", "model.embed_tokens.weight")]
+    if m.embedding_scale:
+        pairs.append(("embedding.scale", "model.embed_tokens.scale"))
+    for i in range(m.num_layers):
+        ours, hf = f"layers.{i}.", f"model.layers.{i}."
+        for site, hf_site in _NORM_SITES.items():
+            pairs += _norm_names(ours + site, hf + hf_site, norm.kind, norm.beta)
+        pairs.append((ours + "attention.proj.weight", hf + "self_attn.o_proj.weight"))
+        pairs.append((ours + "mlp.down.weight", hf + "mlp.down_proj.weight"))
+    pairs += _norm_names("output.norm", "model.norm", norm.kind, norm.beta)
+    pairs.append(("output.head.weight", "lm_head.weight"))
+    return pairs
+
+
+def expected_hf_shapes(cfg: Config) -> dict[str, list[int]]:
+    """Every HF tensor of the model `cfg` describes, with its shape."""
+    m = cfg.model
+    h, v, f, d = m.hidden_size, cfg.padded_vocab_size, m.ffn_hidden_size, m.head_dim
+    shapes: dict[str, list[int]] = {}
+    for ours, hf in simple_names(cfg):
+        if ours.endswith(("alpha", "shift", "scale")):
+            shapes[hf] = [1]
+        elif ours.endswith(("norm.weight", "norm.bias")):
+            shapes[hf] = [h]
+        elif ours.endswith("proj.weight"):
+            shapes[hf] = [h, m.num_heads * d]
+        elif ours.endswith("down.weight"):
+            shapes[hf] = [h, f]
+        else:  # embedding, head
+            shapes[hf] = [v, h]
+    for i in range(m.num_layers):
+        hf = f"model.layers.{i}."
+        shapes[hf + "self_attn.q_proj.weight"] = [m.num_heads * d, h]
+        shapes[hf + "self_attn.k_proj.weight"] = [m.kv_heads * d, h]
+        shapes[hf + "self_attn.v_proj.weight"] = [m.kv_heads * d, h]
+        shapes[hf + "mlp.gate_proj.weight"] = [f, h]
+        shapes[hf + "mlp.up_proj.weight"] = [f, h]
+    return shapes
+
+
+# ---- tensors --------------------------------------------------------------------------------
+
+
+def to_hf_state_dict(full: Mapping[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
+    """Our full state dict (canonical names) → HF LLaMA tensors, in HF's usual order."""
+    m = cfg.model
+    d, kv, q_per_kv = m.head_dim, m.kv_heads, m.num_heads // m.kv_heads
+    out: dict[str, torch.Tensor] = {}
+    missing = [ours for ours, _ in simple_names(cfg) if ours not in full]
+    if missing:
+        raise ConvertError(f"tensor '{missing[0]}' is missing from the checkpoint")
+    for ours, hf in simple_names(cfg):
+        out[hf] = full[ours]
+    for i in range(m.num_layers):
+        ours, hf = f"layers.{i}.", f"model.layers.{i}."
+        for name in ("attention.qkv.weight", "mlp.gate_up.weight"):
+            if ours + name not in full:
+                raise ConvertError(f"tensor '{ours + name}' is missing from the checkpoint")
+        qkv = full[ours + "attention.qkv.weight"]
+        groups = qkv.reshape(kv, q_per_kv + 2, d, m.hidden_size)
+        out[hf + "self_attn.q_proj.weight"] = groups[:, :q_per_kv].reshape(-1, m.hidden_size)
+        out[hf + "self_attn.k_proj.weight"] = groups[:, q_per_kv].reshape(-1, m.hidden_size)
+        out[hf + "self_attn.v_proj.weight"] = groups[:, q_per_kv + 1].reshape(-1, m.hidden_size)
+        gate, up = full[ours + "mlp.gate_up.weight"].chunk(2, dim=0)
+        out[hf + "mlp.gate_proj.weight"] = gate
+        out[hf + "mlp.up_proj.weight"] = up
+    return {k: out[k].contiguous() for k in _hf_order(out)}
+
+
+def _hf_order(names: Mapping[str, Any]) -> list[str]:
+    """Embedding, then layer by layer, then the final norm and head (nice shard boundaries)."""
+
+    def key(name: str) -> tuple:
+        match = re.match(r"model\.layers\.(\d+)\.", name)
+        if match:
+            return (1, int(match.group(1)), name)
+        return (0 if "embed" in name else 2, 0, name)
+
+    return sorted(names, key=key)
+
+
+def from_hf_state_dict(
+    hf: Mapping[str, torch.Tensor], cfg: Config, source: str
+) -> dict[str, torch.Tensor]:
+    """HF LLaMA tensors → our full state dict for `cfg`; shapes checked against `cfg`.
+
+    The vocabulary rows are padded with zeros up to `cfg.padded_vocab_size`.
+    """
+    m = cfg.model
+    expected = expected_hf_shapes(cfg)
+    vocab_rows = {"model.embed_tokens.weight", "lm_head.weight"}
+    for name, shape in expected.items():
+        if name not in hf:
+            raise ConvertError(f"{source}: tensor '{name}' is missing")
+        got = list(hf[name].shape)
+        ok = got == shape
+        if name in vocab_rows:  # fewer rows: padded with zeros below
+            ok = got[1:] == shape[1:] and got[0] <= shape[0]
+        if not ok:
+            raise ConvertError(
+                f"{source}: tensor '{name}' has shape {got}, the target config expects"
+                f" {shape}{_shape_hint(name, cfg)}"
+            )
+    extra = sorted(set(hf) - set(expected))
+    if extra:
+        raise ConvertError(
+            f"{source}: tensor '{extra[0]}' has no place in the target model"
+            f" (model.norm.kind={m.norm.kind!r}, beta={m.norm.beta},"
+            f" embedding_scale={m.embedding_scale}); {len(extra)} such tensor(s)"
+        )
+    full: dict[str, torch.Tensor] = {}
+    for ours, name in simple_names(cfg):
+        tensor = hf[name]
+        if name in vocab_rows and tensor.shape[0] < cfg.padded_vocab_size:
+            pad = tensor.new_zeros(cfg.padded_vocab_size - tensor.shape[0], tensor.shape[1])
+            tensor = torch.cat([tensor, pad])
+        full[ours] = tensor
+    d, kv, q_per_kv, h = m.head_dim, m.kv_heads, m.num_heads // m.kv_heads, m.hidden_size
+    for i in range(m.num_layers):
+        ours, name = f"layers.{i}.", f"model.layers.{i}."
+        q = hf[name + "self_attn.q_proj.weight"].reshape(kv, q_per_kv, d, h)
+        k = hf[name + "self_attn.k_proj.weight"].reshape(kv, 1, d, h)
+        v = hf[name + "self_attn.v_proj.weight"].reshape(kv, 1, d, h)
+        full[ours + "attention.qkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, h)
+        full[ours + "mlp.gate_up.weight"] = torch.cat(
+            [hf[name + "mlp.gate_proj.weight"], hf[name + "mlp.up_proj.weight"]]
+        )
+    return full
+
+
+def _shape_hint(name: str, cfg: Config) -> str:
+    m = cfg.model
+    if "q_proj" in name or "o_proj" in name:
+        return f" (model.num_heads={m.num_heads} × head_dim {m.head_dim}, model.hidden_size={m.hidden_size})"
+    if "k_proj" in name or "v_proj" in name:
+        return f" (model.num_kv_heads={m.kv_heads} × head_dim {m.head_dim}, model.hidden_size={m.hidden_size})"
+    if "mlp" in name:
+        return f" (model.ffn_hidden_size={m.ffn_hidden_size}, model.hidden_size={m.hidden_size})"
+    if "embed_tokens.weight" in name or "lm_head" in name:
+        return f" (at most padded vocab {cfg.padded_vocab_size} rows, model.hidden_size={m.hidden_size})"
+    return f" (model.hidden_size={m.hidden_size})"
+
+
+# ---- config ---------------------------------------------------------------------------------
+
+
+def hf_config(cfg: Config, dtype: torch.dtype) -> dict[str, Any]:
+    """The `config.json` of an export: stock LLaMA keys, plus the norm keys for custom code."""
+    m = cfg.model
+    dtype_name = str(dtype).removeprefix("torch.")
+    out: dict[str, Any] = {
+        "architectures": [LLAMA_ARCH],
+        "model_type": "llama",
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.ffn_hidden_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_heads,
+        "num_key_value_heads": m.kv_heads,
+        "head_dim": m.head_dim,
+        "vocab_size": cfg.padded_vocab_size,
+        "max_position_embeddings": m.seq_length,
+        "hidden_act": "silu",
+        "rms_norm_eps": m.norm.eps,
+        # rope_theta for transformers 4.x, rope_parameters for 5.x
+        "rope_theta": m.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "initializer_range": m.init.std,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": None,
+        "use_cache": True,
+        "torch_dtype": dtype_name,
+        "dtype": dtype_name,
+    }
+    if needs_custom_code(cfg):
+        n = m.norm
+        out.update(
+            architectures=[CUSTOM_ARCH],
+            model_type=CUSTOM_MODEL_TYPE,
+            auto_map={
+                "AutoConfig": "configuration_megatron_dyt.MegatronDytLlamaConfig",
+                "AutoModel": "modeling_megatron_dyt.MegatronDytLlamaModel",
+                "AutoModelForCausalLM": "modeling_megatron_dyt.MegatronDytLlamaForCausalLM",
+            },
+            norm_type=n.kind,
+            norm_beta=n.beta if n.kind in ("dyt", "derf") else n.kind == "layernorm",
+            dyt_squash=n.squash,
+            norm_alpha_attn=n.alpha_attn,
+            norm_alpha_mlp=n.alpha_mlp,
+            norm_alpha_final=n.alpha_final,
+            derf_shift=n.derf_shift,
+            embedding_scale=m.embedding_scale,
+        )
+    out[OUR_CONFIG_KEY] = cfg.to_dict()
+    return out
+
+
+_REQUIRED = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "vocab_size",
+)
+
+
+def check_hf_config(hf: Mapping[str, Any], source: str) -> None:
+    """Refuse a config.json that is not a LLaMA layout our model can hold; names the key."""
+    model_type = hf.get("model_type")
+    if model_type not in ("llama", CUSTOM_MODEL_TYPE):
+        raise ConvertError(
+            f"{source}: model_type={model_type!r} is not supported; allowed: 'llama'"
+            f" (LlamaForCausalLM) or '{CUSTOM_MODEL_TYPE}' (a megatron-dyt export)"
+        )
+    archs = hf.get("architectures") or []
+    if archs and not set(archs) & {LLAMA_ARCH, CUSTOM_ARCH}:
+        raise ConvertError(
+            f"{source}: architectures={archs!r} is not supported; allowed: {LLAMA_ARCH},"
+            f" {CUSTOM_ARCH}"
+        )
+    for key in _REQUIRED:
+        if not isinstance(hf.get(key), int) or hf[key] <= 0:
+            raise ConvertError(f"{source}: {key}={hf.get(key)!r} must be a positive integer")
+    refusals = {
+        "hidden_act": ("silu", hf.get("hidden_act", "silu")),
+        "attention_bias": (False, bool(hf.get("attention_bias", False))),
+        "mlp_bias": (False, bool(hf.get("mlp_bias", False))),
+    }
+    for key, (allowed, value) in refusals.items():
+        if value != allowed:
+            raise ConvertError(
+                f"{source}: {key}={value!r} is not supported (our LLaMA has {key}={allowed!r})"
+            )
+    rope = _rope_settings(hf)
+    if rope.get("rope_type", "default") not in ("default", None):
+        raise ConvertError(
+            f"{source}: rope_scaling / rope_parameters rope_type={rope.get('rope_type')!r} is not"
+            " supported (allowed: plain RoPE, rope_type 'default')"
+        )
+    heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+    head_dim = hf.get("head_dim") or hidden // heads
+    if head_dim * heads != hidden:
+        raise ConvertError(
+            f"{source}: head_dim={head_dim} × num_attention_heads={heads} != hidden_size={hidden};"
+            " our attention needs head_dim = hidden_size / num_attention_heads"
+        )
+
+
+def _rope_settings(hf: Mapping[str, Any]) -> dict[str, Any]:
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling")
+    if scaling:
+        params.setdefault("rope_type", scaling.get("rope_type", scaling.get("type")))
+    if "rope_theta" not in params and "rope_theta" in hf:
+        params["rope_theta"] = hf["rope_theta"]
+    return params
+
+
+def model_section_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Our `model:` section for a HF LLaMA config (no norm conversion)."""
+    rope = _rope_settings(hf)
+    model: dict[str, Any] = {
+        "hidden_size": hf["hidden_size"],
+        "num_layers": hf["num_hidden_layers"],
+        "num_heads": hf["num_attention_heads"],
+        "num_kv_heads": hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        "ffn_hidden_size": hf["intermediate_size"],
+        "vocab_size": hf["vocab_size"],
+        "seq_length": hf.get("max_position_embeddings") or 4096,
+        "rope_theta": float(rope.get("rope_theta", 10000.0)),
+        "embedding_scale": bool(hf.get("embedding_scale", False)),
+        "norm": {"kind": "rmsnorm", "eps": float(hf.get("rms_norm_eps", 1e-5))},
+    }
+    if hf.get("model_type") == CUSTOM_MODEL_TYPE:
+        model["norm"] = {
+            "kind": hf.get("norm_type", "dyt"),
+            "eps": float(hf.get("rms_norm_eps", 1e-5)),
+        }
+        if model["norm"]["kind"] in ("dyt", "derf"):
+            model["norm"].update(
+                beta=bool(hf.get("norm_beta", False)),
+                alpha_attn=float(hf.get("norm_alpha_attn", 0.5)),
+                alpha_mlp=float(hf.get("norm_alpha_mlp", 0.5)),
+                alpha_final=float(hf.get("norm_alpha_final", 0.5)),
+                derf_shift=float(hf.get("derf_shift", 0.0)),
+            )
+            if model["norm"]["kind"] == "dyt":
+                model["norm"]["squash"] = hf.get("dyt_squash", "tanh")
+    if "initializer_range" in hf and hf["initializer_range"]:
+        model["init"] = {"std": float(hf["initializer_range"])}
+    return model

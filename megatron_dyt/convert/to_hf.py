@@ -1,0 +1,184 @@
+"""`megatron-dyt convert to-hf`: a checkpoint → a Hugging Face folder `transformers` loads.
+
+RMSNorm models become a plain `LlamaForCausalLM`; DyT, Derf (and LayerNorm, or any model with the
+learned embedding scale) get `configuration_megatron_dyt.py` + `modeling_megatron_dyt.py` in the
+folder and an `auto_map`, loaded with `trust_remote_code=True`. Weights are safetensors, split
+into shards above `max_shard_size` (with `model.safetensors.index.json`). The default dtype is
+fp32: the export is lossless unless bf16 is asked for. The folder is written as `OUT.tmp` and
+renamed into place, so a half-written export never looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from megatron_dyt.convert.mapping import (
+    ConvertError,
+    hf_config,
+    needs_custom_code,
+    to_hf_state_dict,
+)
+from megatron_dyt.convert.outdir import finish_out_dir, prepare_out_dir
+
+HF_CODE = Path(__file__).with_name("hf_code")
+CODE_FILES = ("configuration_megatron_dyt.py", "modeling_megatron_dyt.py")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_SHARD = "5GB"
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count → bytes (GB = 10⁹, GiB = 2³⁰, as HF does)."""
+    if isinstance(text, int):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(text), re.IGNORECASE)
+        if not match:
+            raise ConvertError(
+                f"--max-shard-size {text!r}: expected a size like 5GB, 500MB, 2GiB or bytes"
+            )
+        unit = (match.group(2) or "B").upper()
+        scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+        scale.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+        value = int(float(match.group(1)) * scale[unit])
+    if value <= 0:
+        raise ConvertError(f"--max-shard-size {text!r}: must be > 0")
+    return value
+
+
+def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
+    """Consecutive groups of tensor names of at most `limit` bytes (a bigger tensor goes alone)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
+
+
+def write_tokenizer(sp_model: Path, out: Path, max_length: int) -> None:
+    """Our sentencepiece model as a LLaMA tokenizer: tokenizer.model + tokenizer_config.json,
+    and tokenizer.json (the fast tokenizer) when transformers can convert it here.
+
+    Our tokenizers add no dummy prefix space, so `add_prefix_space` is false and `legacy` off;
+    BOS is prepended like LLaMA (lm-eval's prefix token is BOS in our evaluation too).
+    """
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+
+    def piece(i: int) -> str | None:
+        return sp.id_to_piece(i) if 0 <= i < sp.get_piece_size() else None
+
+    import tempfile
+
+    shutil.copy2(sp_model, out / "tokenizer.model")
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "legacy": False,
+        "bos_token": piece(sp.bos_id()),
+        "eos_token": piece(sp.eos_id()),
+        "unk_token": piece(sp.unk_id()),
+        "pad_token": None,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_length,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    try:
+        from transformers import AutoTokenizer
+
+        # Converted in a folder of its own: the export's config.json may name custom code.
+        with tempfile.TemporaryDirectory() as scratch:
+            for name in ("tokenizer.model", "tokenizer_config.json"):
+                shutil.copy2(out / name, Path(scratch) / name)
+            tok = AutoTokenizer.from_pretrained(scratch)
+            tok.backend_tokenizer.save(str(out / "tokenizer.json"))
+    except Exception as exc:  # no protobuf / converter: the slow files still work
+        warnings.warn(
+            f"tokenizer.json not written ({type(exc).__name__}: {exc}); tokenizer.model and"
+            " tokenizer_config.json are there",
+            stacklevel=2,
+        )
+
+
+def export_to_hf(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str = "fp32",
+    max_shard_size: str | int = DEFAULT_SHARD,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Merge a checkpoint's TP shards, PP stages (and ZeRO partitions) into a HF folder."""
+    from safetensors.torch import save_file
+
+    from megatron_dyt.training import checkpoint as ckpt
+
+    if dtype not in DTYPES:
+        raise ConvertError(f"--dtype {dtype!r}: allowed: {', '.join(DTYPES)}")
+    limit = parse_size(max_shard_size)
+    folder = ckpt.resolve(checkpoint)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ConvertError(f"output '{out}' exists and is not empty; pass --force to replace it")
+    cfg = ckpt.read_config(folder)
+    full = ckpt.read_full_state_dict(folder, cfg)
+    full = {k: v for k, v in full.items() if torch.is_tensor(v)}
+    hf = to_hf_state_dict(full, cfg)
+    del full
+    torch_dtype = DTYPES[dtype]
+    hf = {k: v.to(torch_dtype).contiguous() for k, v in hf.items()}
+
+    tmp = prepare_out_dir(out, force)
+    try:
+        groups = _shards(hf, limit)
+        names = (
+            ["model.safetensors"]
+            if len(groups) == 1
+            else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+        )
+        weight_map = {}
+        for group, name in tqdm(
+            list(zip(groups, names, strict=True)), desc="safetensors", disable=not progress
+        ):
+            save_file({k: hf[k] for k in group}, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(group, name))
+        if len(groups) > 1:
+            total = sum(t.numel() * t.element_size() for t in hf.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        config = hf_config(cfg, torch_dtype)
+        step = json.loads((folder / ckpt.COMPLETE).read_text()).get("step")
+        config["megatron_dyt_source"] = {"checkpoint": str(folder), "step": step}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        generation = {"bos_token_id": 1, "eos_token_id": 2}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if needs_custom_code(cfg):
+            for name in CODE_FILES:
+                shutil.copy2(HF_CODE / name, tmp / name)
+        tokenizer = folder / "tokenizer.model"
+        if tokenizer.is_file():
+            write_tokenizer(tokenizer, tmp, cfg.model.seq_length)
+        else:
+            warnings.warn(
+                f"'{folder}' has no tokenizer.model: the export has no tokenizer", stacklevel=2
+            )
+        finish_out_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
