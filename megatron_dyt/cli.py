@@ -210,12 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="output folder (default: <run>/eval/<step>)")
     ev.set_defaults(func=cmd_eval)
 
+    from megatron_dyt.convert.cli import add_convert_parser
     from megatron_dyt.data.cli import add_data_commands
     from megatron_dyt.launch.cli import add_launch_parser
 
     add_data_commands(sub)
-    from megatron_dyt.convert.cli import add_convert_parser
-
     add_launch_parser(sub)
     add_convert_parser(sub)
     return parser
