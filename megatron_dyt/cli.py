@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_dyt.data.cli import add_data_commands
 
     add_data_commands(sub)
+    from megatron_dyt.launch.sweep import add_sweep_parser
+
+    add_sweep_parser(sub)
     return parser
 
 
