@@ -424,17 +424,29 @@ def fit_figure(series: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    colors = {"attn": "#1f77b4", "other": "#ff7f0e"}
-    for k, s in enumerate(series):
+    # attn: filled circles, solid lines; other: open squares, dashed lines (both stay visible
+    # where they coincide), each group (depth, ...) and component a colour of its own.
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+    groups = sorted({s["group"] for s in series})
+    for s in series:
         w = np.array(s["widths"], dtype=float)
-        line = ["-", "--", ":", "-."][k // 2 % 4]
-        ax.scatter(w, s["alphas"], color=colors[s["component"]], zorder=3)
+        attn = s["component"] == "attn"
+        color = palette[(2 * groups.index(s["group"]) + (0 if attn else 1)) % len(palette)]
+        ax.plot(
+            w,
+            s["alphas"],
+            "o" if attn else "s",
+            markersize=7 if attn else 11,
+            fillstyle="full" if attn else "none",
+            color=color,
+            zorder=3,
+        )
         xs = np.geomspace(w.min(), w.max(), 50)
         ax.plot(
             xs,
             s["prefactor"] * xs ** s["slope"],
-            line,
-            color=colors[s["component"]],
+            "-" if attn else "--",
+            color=color,
             label=f"{s['label']}: slope {s['slope']:.2f}",
         )
     ax.set_xscale("log", base=2)

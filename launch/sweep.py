@@ -403,6 +403,8 @@ def execute(
 ) -> dict[str, Any]:
     """Train one planned run to its end and record how it ended in its status.json."""
     run_dir = sweep_dir / entry["run_dir"]
+    if children is not None and children.stopping:  # the sweep is being stopped: don't start
+        return {**read_status(run_dir), "index": entry["index"], "name": entry["name"]}
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "train.log"
     start = log.stat().st_size if log.exists() else 0
@@ -437,8 +439,9 @@ def execute(
     step = finished_step(run_dir)
     if step is not None and step >= entry["train_steps"]:
         state = "done"
-    elif code == 0:
-        state = "pending"  # stopped by a signal after saving a checkpoint; resumes next time
+    elif code == 0 or (children is not None and children.stopping and code < 0):
+        # stopped by a signal (after saving a checkpoint, if it got that far): resumes next time
+        state = "pending"
     elif any(DIVERGED_MARK in line for line in tail):
         state = "diverged"
     else:
@@ -726,10 +729,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     total = {**summary.skipped}
     for k, v in summary.counts.items():
         total[k] = total.get(k, 0) + v
-    print(
-        "sweep finished: " + ", ".join(f"{v} {k}" for k, v in sorted(total.items())),
-        f"\nreport: megatron-dyt sweep report {sweep_dir}",
-    )
+    print("sweep finished: " + ", ".join(f"{v} {k}" for k, v in sorted(total.items())))
+    print(f"report: megatron-dyt sweep report {sweep_dir}")
     return 0 if summary.ok else 1
 
 
