@@ -368,6 +368,29 @@ class _Children:
                     proc.send_signal(sig)
 
 
+def _die_with_parent():
+    """A preexec_fn that makes the training get SIGTERM (and checkpoint) if the sweep process
+    that started it dies, instead of living on unwatched in its own session (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the forked child
+    return lambda: prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _alive_here(status: dict[str, Any]) -> bool:
+    """Whether the status names a training process still running on this machine."""
+    pid = status.get("pid")
+    if status.get("state") != "running" or not pid or status.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def train_command(config: Path, run_dir: Path, nproc: int = 1) -> list[str]:
     """`megatron-dyt train` in a fresh interpreter (through torchrun for several processes)."""
     cli = ["-m", "megatron_dyt", "train", str(config), "--run-dir", str(run_dir), "--no-progress"]
@@ -426,10 +449,16 @@ def execute(
         fh.flush()
         # A session of its own: Ctrl-C reaches the sweep, which then asks each run to save.
         proc = subprocess.Popen(
-            cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            cmd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent(),
         )
         if children is not None:
             children.add(proc)
+        write_status(run_dir, {**status, "pid": proc.pid})
         try:
             code = proc.wait()
         finally:
@@ -462,7 +491,8 @@ def execute(
 
 
 def skip_reason(sweep_dir: Path, entry: dict[str, Any], retry_diverged: bool) -> str | None:
-    """'done' or 'diverged' when this run need not run again; records a finished run as done."""
+    """'done', 'diverged' or 'running' when this run must not be started now; records a
+    finished run as done."""
     run_dir = sweep_dir / entry["run_dir"]
     status = read_status(run_dir)
     if is_finished(run_dir, entry["train_steps"]):
@@ -471,6 +501,8 @@ def skip_reason(sweep_dir: Path, entry: dict[str, Any], retry_diverged: bool) ->
         return "done"
     if status.get("state") == "diverged" and not retry_diverged:
         return "diverged"
+    if _alive_here(status):
+        return "running"  # another sweep process on this machine is training it now
     return None
 
 
@@ -699,6 +731,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"sweep {args.spec}: {len(plan)} runs in {sweep_dir}", file=sys.stderr, flush=True)
     if args.slurm:
         pending = [e["index"] for e in plan if not skip_reason(sweep_dir, e, args.retry_diverged)]
+        if not pending:
+            print(f"nothing to submit: all {len(plan)} runs are done or diverged")
+            return 0
         script = array_script(
             sweep_dir,
             pending,

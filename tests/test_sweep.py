@@ -6,7 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +207,36 @@ def test_local_sweep_records_done_failed_diverged_and_resumes(corpus, tmp_path, 
     assert rows[0]["case"] == "0.02" and rows[1]["exit_code"] == "1"
     md = (out / "report/report.md").read_text()
     assert "final training loss" in md and "| run1e+30 | diverged | 1 |" in md
+
+
+def test_interrupted_sweep_checkpoints_and_resumes(corpus, tmp_path):
+    spec = _write_spec(
+        tmp_path, train_dict(corpus, train_steps=40, save_interval=0), {"train.seed": [7]}
+    )
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "megatron_dyt", "sweep", "run", str(spec), "--out", str(out)]
+    proc = subprocess.Popen([*cmd, "--no-progress"], stdout=subprocess.PIPE, text=True)
+    metrics = out / "runs/seed7/metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < 2
+    ):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: the sweep asks its training to save and stop
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    status = sweep.read_status(out / "runs/seed7")
+    assert status["state"] == "pending" and status["exit_code"] == 0
+    assert 2 <= status["step"] < 40  # a checkpoint of where it stopped
+
+    again = subprocess.run([*cmd, "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert sweep.read_status(out / "runs/seed7")["state"] == "done"
+    log = (out / "runs/seed7/train.log").read_text()
+    assert f"(step {status['step']})" in log  # resumed, not restarted
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps[-1] == 40 and steps.count(status["step"] + 1) == 1
 
 
 # ---- the report --------------------------------------------------------------------------------
