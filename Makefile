@@ -26,8 +26,8 @@ demo: install
 	$(VENV)/bin/megatron-dyt train configs/tiny-dyt.yaml --run-dir runs/demo
 	HF_DATASETS_OFFLINE=1 $(VENV)/bin/megatron-dyt eval runs/demo --suite offline
 
-# The tiny α₀ sweep (configs/sweeps/tiny.yaml: 24 runs of 50 steps, two at a time) into
-# runs/sweep-demo, then its report in runs/sweep-demo/report (about 5 minutes on 2 cores).
+# The tiny α₀ sweep (configs/sweeps/tiny.yaml: 24 runs of 60 steps, two at a time) into
+# runs/sweep-demo, then its report in runs/sweep-demo/report (about 6 minutes on 2 idle cores).
 # Running it again resumes: finished runs are skipped.
 sweep-demo: install
 	$(VENV)/bin/megatron-dyt sweep run configs/sweeps/tiny.yaml --out runs/sweep-demo --parallel 2

@@ -742,7 +742,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             time_limit=args.time,
             max_running=args.parallel if args.parallel > 1 else None,
             cpus_per_task=args.cpus_per_task,
-            gpus_per_run=args.gpus_per_run,
+            gpus_per_run=args.gpus_per_run or 0,
         )
         if args.dry_run:
             print(script, end="")
@@ -820,7 +820,12 @@ def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
         default=1,
         help="runs at a time (locally; with --slurm: the array's %%limit)",
     )
-    run.add_argument("--gpus-per-run", type=int, default=0, help="processes (GPUs) per run")
+    run.add_argument(
+        "--gpus-per-run",
+        type=_positive,
+        default=None,
+        help="GPUs (processes, via torchrun) per run (default: 1 process, no GPU request)",
+    )
     run.add_argument("--retry-diverged", action="store_true", help="run diverged runs again too")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--slurm", action="store_true", help="submit one SLURM job array")

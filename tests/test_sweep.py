@@ -119,6 +119,14 @@ def test_unknown_template_field_and_missing_base(tmp_path):
         sweep.spec_from_dict({"base": "nope.yaml", "grid": {"train.seed": [1]}}, tmp_path)
 
 
+def test_not_a_sweep_folder_is_one_clear_error(tmp_path, capsys):
+    for action in (["report"], ["run-one", "--index", "0"]):
+        assert main(["sweep", action[0], str(tmp_path), *action[1:]]) == 2
+        err = capsys.readouterr().err
+        assert f"'{tmp_path}' is not a sweep folder (no plan.json)" in err
+        assert "Traceback" not in err
+
+
 # ---- SLURM array -------------------------------------------------------------------------------
 
 
@@ -211,7 +219,7 @@ def test_local_sweep_records_done_failed_diverged_and_resumes(corpus, tmp_path, 
 
 def test_interrupted_sweep_checkpoints_and_resumes(corpus, tmp_path):
     spec = _write_spec(
-        tmp_path, train_dict(corpus, train_steps=40, save_interval=0), {"train.seed": [7]}
+        tmp_path, train_dict(corpus, train_steps=20, save_interval=0), {"train.seed": [7]}
     )
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "megatron_dyt", "sweep", "run", str(spec), "--out", str(out)]
@@ -228,7 +236,7 @@ def test_interrupted_sweep_checkpoints_and_resumes(corpus, tmp_path):
     assert proc.returncode == 130
     status = sweep.read_status(out / "runs/seed7")
     assert status["state"] == "pending" and status["exit_code"] == 0
-    assert 2 <= status["step"] < 40  # a checkpoint of where it stopped
+    assert 2 <= status["step"] < 20  # a checkpoint of where it stopped
 
     again = subprocess.run([*cmd, "--no-progress"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
@@ -236,7 +244,7 @@ def test_interrupted_sweep_checkpoints_and_resumes(corpus, tmp_path):
     log = (out / "runs/seed7/train.log").read_text()
     assert f"(step {status['step']})" in log  # resumed, not restarted
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
-    assert steps[-1] == 40 and steps.count(status["step"] + 1) == 1
+    assert steps[-1] == 20 and steps.count(status["step"] + 1) == 1
 
 
 # ---- the report --------------------------------------------------------------------------------
