@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # installed, set TORCH_SPEC= (empty) to keep the existing build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint clean
+.PHONY: install demo sweep-demo test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ demo: install
 	rm -rf runs/demo
 	$(VENV)/bin/megatron-dyt train configs/tiny-dyt.yaml --run-dir runs/demo
 	HF_DATASETS_OFFLINE=1 $(VENV)/bin/megatron-dyt eval runs/demo --suite offline
+
+# The tiny α₀ sweep (configs/sweeps/tiny.yaml: 24 runs of 60 steps, two at a time) into
+# runs/sweep-demo, then its report in runs/sweep-demo/report (about 6 minutes on 2 idle cores).
+# Running it again resumes: finished runs are skipped.
+sweep-demo: install
+	$(VENV)/bin/megatron-dyt sweep run configs/sweeps/tiny.yaml --out runs/sweep-demo --parallel 2
+	$(VENV)/bin/megatron-dyt sweep report runs/sweep-demo
 
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q

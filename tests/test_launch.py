@@ -196,3 +196,41 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, corpus, tmp_pat
     got = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert got == list(range(1, steps + 1))  # ... and no step was lost or repeated
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+
+
+def test_sweep_as_a_job_array_with_a_preempted_task(cluster, corpus, tmp_path):
+    """`sweep run --slurm` on the cluster: one array task is signalled mid-run, checkpoints,
+    requeues itself and resumes; every run finishes and `sweep report` writes its files."""
+    base = train_dict(corpus, zero=1, train_steps=30)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    spec = tmp_path / "spec.yaml"
+    grid = {"model.norm.alpha_attn": [0.5, 1.0], "model.norm.alpha_mlp": [0.3, 0.6]}
+    spec.write_text(yaml.safe_dump({"base": "base.yaml", "grid": grid}))
+    out = tmp_path / "sweep"
+    sub = subprocess.run(
+        [*CLI, "sweep", "run", str(spec), "--out", str(out), "--slurm"],
+        env=cluster.env, capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.split("submitted job array ")[1].split()[0]
+    plan = json.loads((out / "plan.json").read_text())
+    first = out / plan[0]["run_dir"] / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (first.exists() and len(first.read_text().splitlines()) >= 2):
+        assert time.time() < deadline, "array task 0 never started training"
+        time.sleep(0.2)
+    cluster.run("scancel", "--batch", "--signal=USR1", f"{job}_0")
+    cluster.wait(job)
+    log0 = (out / "slurm" / f"{job}_0.out").read_text()
+    assert "requeueing array task" in log0, log0[-3000:]
+    for entry in plan:
+        run_dir = out / entry["run_dir"]
+        steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open()]
+        assert steps == list(range(1, 31)), entry["name"]  # task 0: none lost or repeated
+        assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+    report = subprocess.run([*CLI, "sweep", "report", str(out)], capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    files = {p.name for p in (out / "report").iterdir()}
+    assert {"results.csv", "report.md"} <= files and any(f.endswith(".png") for f in files)
+    rows = (out / "report" / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(plan)

@@ -1,0 +1,422 @@
+"""α₀ sweeps: grid expansion and validation, the local runner (done/failed/diverged, resume),
+the SLURM array script, and the report's numbers and figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from common import tiny_dict, train_dict
+
+from megatron_dyt.cli import main
+from megatron_dyt.config import ConfigError, config_from_dict
+from megatron_dyt.launch import report, sweep
+from megatron_dyt.training.metrics import MetricsWriter
+
+
+def _write_spec(tmp_path: Path, base: dict, grid: dict, **extra) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"base": "base.yaml", "grid": grid, **extra}, sort_keys=False))
+    return spec
+
+
+# ---- expansion ---------------------------------------------------------------------------------
+
+
+def test_cartesian_product_with_tied_keys(tmp_path):
+    spec = _write_spec(
+        tmp_path,
+        tiny_dict(),
+        {
+            "width": {
+                "keys": ["model.hidden_size", "model.num_heads", "model.ffn_hidden_size"],
+                "values": [[64, 4, 96], [128, 8, 192]],
+            },
+            "model.norm.alpha_attn": [0.5, 1.0, 2.0],
+            "alpha_other": {
+                "keys": ["model.norm.alpha_mlp", "model.norm.alpha_final"],
+                "values": [0.25, 0.5],
+            },
+        },
+        overrides={"train.train_steps": 7},
+        name="w{width}-a{model.norm.alpha_attn}-o{alpha_other:.2f}",
+    )
+    runs = sweep.validate(sweep.load_spec(spec))
+    assert len(runs) == 2 * 3 * 2
+    names = [r.name for r, _ in runs]
+    assert names[:3] == ["w64-a0.5-o0.25", "w64-a0.5-o0.50", "w64-a1-o0.25"]
+    assert len(set(names)) == 12
+    for run, cfg in runs:  # every value of a tied axis lands on each of its keys
+        width = run.axes["width"]
+        assert (cfg.model.hidden_size, cfg.model.num_heads) == (width, width // 16)
+        assert cfg.model.ffn_hidden_size == width * 3 // 2
+        assert cfg.model.norm.alpha_attn == run.axes["model.norm.alpha_attn"]
+        assert cfg.model.norm.alpha_mlp == cfg.model.norm.alpha_final == run.axes["alpha_other"]
+        assert cfg.train.train_steps == 7
+        assert cfg.model.num_layers == 4  # from the base config
+    # The last axis varies fastest, like nested loops in spec order.
+    assert [(r.axes["width"], r.axes["model.norm.alpha_attn"]) for r, _ in runs[:4]] == [
+        (64, 0.5),
+        (64, 0.5),
+        (64, 1.0),
+        (64, 1.0),
+    ]
+
+
+def test_bad_key_or_value_fails_before_running_naming_the_run(tmp_path, capsys):
+    spec = _write_spec(tmp_path, tiny_dict(), {"model.norm.alpha_atn": [0.5, 1.0]})
+    with pytest.raises(ConfigError) as err:
+        sweep.validate(sweep.load_spec(spec))
+    msg = str(err.value)
+    assert "sweep run 0 'alpha_atn0.5'" in msg
+    assert "unknown key 'model.norm.alpha_atn' (did you mean 'model.norm.alpha_attn'?)" in msg
+
+    bad_value = _write_spec(tmp_path / "value", tiny_dict(), {"model.norm.alpha_attn": [0.5, -1.0]})
+    with pytest.raises(ConfigError, match=r"(?s)sweep run 1 'alpha_attn-1'.*α₀ must be a finite"):
+        sweep.validate(sweep.load_spec(bad_value))
+
+    # The CLI: one line, exit 2, nothing written, no traceback.
+    out = tmp_path / "out"
+    assert main(["sweep", "run", str(spec), "--out", str(out), "--no-progress"]) == 2
+    err_text = capsys.readouterr().err
+    assert "unknown key 'model.norm.alpha_atn'" in err_text and "Traceback" not in err_text
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "grid,message",
+    [
+        ({"w": {"keys": ["a.b", "c.d"], "values": [[1, 2, 3]]}}, "has 3 entries for 2 keys"),
+        ({"w": {"values": [1]}}, "expected a list of values or {keys"),
+        ({"w": []}, "has no values"),
+        ({"w": {"keys": ["train.seed"], "values": [1, 2]}}, None),
+    ],
+)
+def test_spec_errors(tmp_path, grid, message):
+    spec = _write_spec(tmp_path, tiny_dict(), grid, name="fixed")
+    if message is None:  # a template that leaves out an axis makes duplicate names
+        message = "runs 0 and 1 are both named 'fixed'"
+    with pytest.raises(ConfigError, match=message.replace("{", r"\{")):
+        sweep.validate(sweep.load_spec(spec))
+
+
+def test_unknown_template_field_and_missing_base(tmp_path):
+    spec = _write_spec(tmp_path, tiny_dict(), {"train.seed": [1]}, name="s{seed}")
+    with pytest.raises(ConfigError, match=r"field \{seed\} is not an axis \(axes: train.seed\)"):
+        sweep.validate(sweep.load_spec(spec))
+    with pytest.raises(ConfigError, match="base config 'nope.yaml' not found"):
+        sweep.spec_from_dict({"base": "nope.yaml", "grid": {"train.seed": [1]}}, tmp_path)
+
+
+def test_not_a_sweep_folder_is_one_clear_error(tmp_path, capsys):
+    for action in (["report"], ["run-one", "--index", "0"]):
+        assert main(["sweep", action[0], str(tmp_path), *action[1:]]) == 2
+        err = capsys.readouterr().err
+        assert f"'{tmp_path}' is not a sweep folder (no plan.json)" in err
+        assert "Traceback" not in err
+
+
+# ---- SLURM array -------------------------------------------------------------------------------
+
+
+def test_array_script(tmp_path):
+    assert sweep.array_ranges([8, 0, 1, 2, 5, 7]) == "0-2,5,7-8"
+    assert sweep.array_ranges([3]) == "3"
+    script = sweep.array_script(
+        tmp_path / "sw", [0, 1, 2, 4], max_running=2, partition="debug", time_limit="01:00:00"
+    )
+    lines = script.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    assert "#SBATCH --array=0-2,4%2" in lines
+    assert "#SBATCH --partition=debug" in lines and "#SBATCH --time=01:00:00" in lines
+    assert f"#SBATCH --output={(tmp_path / 'sw').resolve()}/slurm/%A_%a.out" in lines
+    assert lines[-1].endswith(
+        f'-m megatron_dyt sweep run-one {(tmp_path / "sw").resolve()} --index "$SLURM_ARRAY_TASK_ID"'
+    )
+    path = tmp_path / "s.sh"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    with pytest.raises(ValueError, match="no runs to submit"):
+        sweep.array_script(tmp_path, [])
+
+
+def test_slurm_dry_run_prints_script(tmp_path, capsys):
+    spec = _write_spec(tmp_path, tiny_dict(), {"train.seed": [1, 2, 3]})
+    out = tmp_path / "out"
+    assert main(["sweep", "run", str(spec), "--out", str(out), "--slurm", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "#SBATCH --array=0-2\n" in printed and "sweep run-one" in printed
+    assert not out.exists()  # a dry run writes nothing
+
+
+# ---- running: done, failed, diverged, resume ---------------------------------------------------
+
+
+def test_local_sweep_records_done_failed_diverged_and_resumes(corpus, tmp_path, capsys):
+    base = train_dict(corpus, train_steps=3, save_interval=0)
+    spec = _write_spec(
+        tmp_path,
+        base,
+        {
+            # ok: trains; diverged: lr 1e30 gives a NaN loss at step 2; failed: TP 2 in 1 process
+            "case": {
+                "keys": ["train.lr", "parallel.tensor"],
+                "values": [[0.02, 1], [1.0e30, 1], [0.03, 2]],
+            }
+        },
+        overrides={"train.grad_clip": 0.0},
+        name="run{case}",
+    )
+    out = tmp_path / "sweep"
+    args = ["sweep", "run", str(spec), "--out", str(out), "--parallel", "2", "--no-progress"]
+    assert main(args) == 1  # a failed run makes the sweep exit non-zero
+    plan = json.loads((out / "plan.json").read_text())
+    status = [sweep.read_status(out / e["run_dir"]) for e in plan]
+    assert [s["state"] for s in status] == ["done", "diverged", "failed"]
+    assert [s["exit_code"] for s in status] == [0, 1, 2]
+    assert "loss is nan at step 2: training diverged" in status[1]["message"]
+    assert "world size 1 is not divisible by parallel.tensor" in status[2]["message"]
+    assert all((out / s["log"]).is_file() for s in status)
+    assert (out / "runs/run0.02/checkpoints/step_0000003/complete.json").is_file()
+
+    # Again: the done and diverged runs are skipped, the failed one is retried.
+    logs = [(out / s["log"]).stat().st_size for s in status]
+    assert main(args) == 1
+    again = [sweep.read_status(out / e["run_dir"]) for e in plan]
+    assert again[0] == status[0] and again[1] == status[1]
+    assert [(out / s["log"]).stat().st_size for s in again[:2]] == logs[:2]
+    assert again[2]["state"] == "failed" and again[2]["started"] > status[2]["started"]
+    assert (out / again[2]["log"]).stat().st_size > logs[2]
+    assert "skipping 2 of 3 runs (1 diverged, 1 done)" in capsys.readouterr().out
+
+    # `run-one` (a SLURM array task) skips a finished run; a bad index is one clear error.
+    assert main(["sweep", "run-one", str(out), "--index", "0"]) == 0
+    assert "already done, skipping" in capsys.readouterr().out
+    assert main(["sweep", "run-one", str(out), "--index", "3"]) == 2
+    assert "--index 3: this sweep has runs 0 to 2" in capsys.readouterr().err
+
+    # The report of this real sweep: one row per run, the real final loss of the done run.
+    assert main(["sweep", "report", str(out)]) == 0
+    rows = list(csv.DictReader((out / "report/results.csv").read_text().splitlines()))
+    assert [r["state"] for r in rows] == ["done", "diverged", "failed"]
+    losses = [json.loads(x) for x in (out / "runs/run0.02/metrics.jsonl").read_text().splitlines()]
+    assert float(rows[0]["final_train_loss"]) == pytest.approx(losses[-1]["loss"])
+    assert rows[0]["case"] == "0.02" and rows[1]["exit_code"] == "1"
+    md = (out / "report/report.md").read_text()
+    assert "final training loss" in md and "| run1e+30 | diverged | 1 |" in md
+
+
+def test_interrupted_sweep_checkpoints_and_resumes(corpus, tmp_path):
+    spec = _write_spec(
+        tmp_path, train_dict(corpus, train_steps=20, save_interval=0), {"train.seed": [7]}
+    )
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "megatron_dyt", "sweep", "run", str(spec), "--out", str(out)]
+    proc = subprocess.Popen([*cmd, "--no-progress"], stdout=subprocess.PIPE, text=True)
+    metrics = out / "runs/seed7/metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < 2
+    ):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: the sweep asks its training to save and stop
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    status = sweep.read_status(out / "runs/seed7")
+    assert status["state"] == "pending" and status["exit_code"] == 0
+    assert 2 <= status["step"] < 20  # a checkpoint of where it stopped
+
+    again = subprocess.run([*cmd, "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert sweep.read_status(out / "runs/seed7")["state"] == "done"
+    log = (out / "runs/seed7/train.log").read_text()
+    assert f"(step {status['step']})" in log  # resumed, not restarted
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps[-1] == 20 and steps.count(status["step"] + 1) == 1
+
+
+# ---- the report --------------------------------------------------------------------------------
+
+
+def test_t_quantile_matches_tables():
+    # Two-sided 95% Student t critical values.
+    for df, t in [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (10, 2.2281), (30, 2.0423)]:
+        assert report.t_quantile(0.95, df) == pytest.approx(t, abs=1e-4)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in range(1, 40):
+        assert report.t_quantile(0.95, df) == pytest.approx(scipy_stats.t.ppf(0.975, df), rel=1e-9)
+
+
+def test_spread_and_power_law_fit():
+    s = report.spread([3.0, 3.1, 3.2])
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)
+    assert (s.n, s.mean, s.std) == (3, pytest.approx(3.1), pytest.approx(0.1))
+    assert (s.ci_low, s.ci_high) == (pytest.approx(3.1 - half), pytest.approx(3.1 + half))
+    one = report.spread([2.0])
+    assert one.mean == 2.0 and math.isnan(one.std) and math.isnan(one.ci_low)
+    widths = [256, 512, 1024, 4096]
+    slope, c = report.fit_power_law(widths, [7.5 * w**-0.75 for w in widths])
+    assert slope == pytest.approx(-0.75) and c == pytest.approx(7.5)
+    with pytest.raises(ValueError, match="at least 2 different widths"):
+        report.fit_power_law([64, 64], [1.0, 0.5])
+
+
+# Synthetic sweep: the best α₀ follows a known power law in width; seeds add 0, 0.01, 0.02.
+WIDTHS = [64, 256, 1024]
+ATTN = [0.25, 0.5, 1.0]
+OTHER = [0.03125, 0.125, 0.5]
+NOISE = {1: 0.0, 2: 0.01, 3: 0.02}
+
+
+def _best_attn(w: int) -> float:
+    return (w / 64) ** -0.5  # 64 → 1, 256 → 0.5, 1024 → 0.25
+
+
+def _best_other(w: int) -> float:
+    return 0.5 * (w / 64) ** -1.0  # 64 → 0.5, 256 → 0.125, 1024 → 0.03125
+
+
+def _loss(w: int, a: float, o: float, seed: int) -> float:
+    d = math.log2(a / _best_attn(w))
+    return (
+        3.0
+        + 0.1 * d**2
+        + 0.02 * d  # asymmetric: no ties between the neighbours of the optimum
+        + 0.05 * math.log2(o / _best_other(w)) ** 2
+        + NOISE[seed]
+    )
+
+
+def _fake_sweep(tmp_path: Path, widths: list[int], diverged: set[str] = frozenset()) -> Path:
+    """A prepared sweep whose runs' metrics.jsonl the real MetricsWriter writes."""
+    spec = _write_spec(
+        tmp_path,
+        tiny_dict(),
+        {
+            "width": {"keys": ["model.hidden_size"], "values": widths},
+            "alpha_attn": {"keys": ["model.norm.alpha_attn"], "values": ATTN},
+            "alpha_other": {
+                "keys": ["model.norm.alpha_mlp", "model.norm.alpha_final"],
+                "values": OTHER,
+            },
+            "seed": {"keys": ["train.seed"], "values": list(NOISE)},
+        },
+    )
+    out = tmp_path / "sweep"
+    plan = sweep.prepare(spec, out)
+    for e in plan:
+        run_dir = out / e["run_dir"]
+        run_dir.mkdir(parents=True)
+        cfg = config_from_dict(yaml.safe_load((out / e["config"]).read_text()))
+        ax = e["axes"]
+        loss = _loss(ax["width"], ax["alpha_attn"], ax["alpha_other"], ax["seed"])
+        writer = MetricsWriter(run_dir, cfg, enabled=True)
+        writer.write(10, {"loss": loss + 0.4, "valid_loss": loss + 0.2})
+        if e["name"] in diverged:
+            writer.close()
+            sweep.write_status(
+                run_dir,
+                {"state": "diverged", "exit_code": 1, "message": "loss is nan at step 11"},
+            )
+            continue
+        writer.write(20, {"loss": loss + 0.1, "valid_loss": loss})
+        writer.write(30, {"loss": loss + 0.05, "valid_loss": loss + 0.003})  # overfits a bit
+        writer.close()
+        sweep.write_status(run_dir, {"state": "done", "exit_code": 0})
+    return out
+
+
+def test_report_numbers_tables_fit_and_figures(tmp_path):
+    # Width 256: the cell that would be best has a diverged seed, so it must not win.
+    out = _fake_sweep(
+        tmp_path,
+        WIDTHS,
+        diverged={
+            "width256-alpha_attn0.5-alpha_other0.125-seed2",
+            *(f"width64-alpha_attn0.25-alpha_other0.03125-seed{s}" for s in NOISE),
+        },
+    )
+    result = report.write_report(out, metric="best_valid")
+
+    rows = list(csv.DictReader(result.csv.read_text().splitlines()))
+    assert len(rows) == 3 * 3 * 3 * 3
+    row = next(r for r in rows if r["name"] == "width64-alpha_attn0.5-alpha_other0.5-seed2")
+    loss = _loss(64, 0.5, 0.5, 2)
+    assert float(row["final_train_loss"]) == pytest.approx(loss + 0.05)
+    assert float(row["final_valid_loss"]) == pytest.approx(loss + 0.003)
+    assert float(row["best_valid_loss"]) == pytest.approx(loss)
+    assert row["best_valid_step"] == "20" and row["state"] == "done"
+    assert (row["width"], row["alpha_attn"], row["alpha_other"], row["seed"]) == (
+        "64",
+        "0.5",
+        "0.5",
+        "2",
+    )
+
+    md = result.markdown.read_text()
+    # Width 64: best cell (1, 0.5), losses 3.00/3.01/3.02 → 3.01 ± 0.01, t(2) interval.
+    half = 4.302652729911275 * 0.01 / math.sqrt(3)
+    assert "| 1 | " in md and "**3.0100 ± 0.0100 (n=3)**" in md
+    assert (
+        "Best: α₀ᵃᵗᵗⁿ = 1, α₀ᵒᵗʰᵉʳ = 0.5: best validation loss 3.0100 ± 0.0100 (std over 3"
+        f" seeds), 95% t-interval of the mean [{3.01 - half:.4f}, {3.01 + half:.4f}]."
+    ) in md
+    assert "diverged (3/3)" in md  # the fully diverged cell of width 64
+    w256 = md.split("## width 256")[1].split("## width 1024")[0]
+    assert "⚠ diverged 1/3" in w256 and "(n=2)" in w256
+    # The true optimum (0.5, 0.125) lost a seed to divergence; the next best cell wins.
+    second = min(
+        ((a, o) for a in ATTN for o in OTHER if (a, o) != (0.5, 0.125)),
+        key=lambda c: _loss(256, *c, 1),
+    )
+    assert f"Best: α₀ᵃᵗᵗⁿ = {second[0]:g}, α₀ᵒᵗʰᵉʳ = {second[1]:g}" in w256
+
+    # Fit on widths 64 and 1024 (exact power laws) plus 256's runner-up.
+    widths = [64, 256, 1024]
+    want_attn = report.fit_power_law(widths, [1.0, second[0], 0.25])[0]
+    want_other = report.fit_power_law(widths, [0.5, second[1], 0.03125])[0]
+    slopes = {s["component"]: s["slope"] for s in result.fits}
+    assert slopes == {"attn": pytest.approx(want_attn), "other": pytest.approx(want_other)}
+    assert f"width^{want_attn:.3f}" in md
+
+    assert sorted(p.name for p in result.figures) == [
+        "alpha_vs_width.png",
+        "heatmap_w1024.png",
+        "heatmap_w256.png",
+        "heatmap_w64.png",
+    ]
+    import matplotlib.image
+
+    for png in result.figures:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        image = matplotlib.image.imread(png)
+        assert image.shape[0] > 300 and image.shape[1] > 400
+        assert np.asarray(image).std() > 0.05  # not blank
+
+
+def test_report_exact_power_law_and_single_width(tmp_path):
+    out = _fake_sweep(tmp_path / "all", WIDTHS)
+    result = report.write_report(out)  # auto: every run has a validation loss
+    slopes = {s["component"]: s["slope"] for s in result.fits}
+    # Final validation loss ranks the same cells: the exact laws come back.
+    assert slopes == {"attn": pytest.approx(-0.5), "other": pytest.approx(-1.0)}
+    assert "final validation loss" in result.markdown.read_text()
+
+    one = _fake_sweep(tmp_path / "one", [128])
+    result = report.write_report(one, tmp_path / "rep")
+    assert result.fits == []
+    assert "needs at least 2 widths with a best cell; this sweep has 1" in result.summary
+    assert [p.name for p in result.figures] == ["heatmap_w128.png"]
+    assert (tmp_path / "rep/report.md").is_file() and (tmp_path / "rep/results.csv").is_file()
