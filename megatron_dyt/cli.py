@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_dyt.data.cli import add_data_commands
 
     add_data_commands(sub)
+    from megatron_dyt.convert.cli import add_convert_commands
+
+    add_convert_commands(sub)
     return parser
 
 
