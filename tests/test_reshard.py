@@ -21,7 +21,7 @@ from megatron_dyt.convert.reshard import (
     read_meta,
     reshard_checkpoint,
 )
-from megatron_dyt.training.checkpoint import CheckpointError
+from megatron_dyt.training.checkpoint import CheckpointError, read_full_state_dict
 from megatron_dyt.training.trainer import TrainingError, _check_resume_layout, prepare_run_dir
 
 N = 10  # steps before the reshard and after it (the issue's 10 + 10)
@@ -90,6 +90,14 @@ def test_convert_reshard_to_tp1_pp2_continues_like_the_unresharded_run(source, t
     assert (cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.zero_stage) == (1, 2, 0)
     meta = read_meta(out / f"checkpoints/step_{N:07d}")
     assert meta["optimizer_step"] == N and meta["consumed_samples"] == N * 8
+    # Its weights are the TP=2 checkpoint's, merged by the reader evaluation and export use.
+    saved_cfg = load_config(source["step_n"] / "config.yaml")
+    merged = read_full_state_dict(source["step_n"], saved_cfg)
+    merged = {k: v for k, v in merged.items() if torch.is_tensor(v)}  # no _extra_state
+    universal = read_full_state_dict(out / f"checkpoints/step_{N:07d}", cfg)
+    assert set(merged) == set(universal)
+    for name, tensor in merged.items():
+        assert torch.equal(universal[name], tensor), name
     ranks = distributed.run(_train, 2, cfg.to_dict(), str(out), tmp_path=tmp_path)
     for r in ranks:
         _assert_continues(r["losses"], source)
@@ -161,6 +169,29 @@ def test_other_layout_without_reshard_is_a_clear_error(corpus, source, tmp_path)
     resharding = config_from_dict({**_cfg(corpus, tp=1), "resume": {"reshard": True}})
     prepare_run_dir(resharding, run, allow_config_change=False)  # layout keys may change
     assert _check_resume_layout(resharding, source["step_n"], world_size=2) is True
+    zero3 = config_from_dict({**_cfg(corpus, tp=1, zero=3), "resume": {"reshard": True}})
+    with pytest.raises(TrainingError, match="this run is TP=1/PP=1/DP=2, ZeRO-3; resharding"):
+        _check_resume_layout(zero3, source["step_n"], world_size=2)
+
+
+def _train_error(cfg_dict: dict, run_dir: str) -> str:
+    try:
+        _train(cfg_dict, run_dir)
+    except CheckpointError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_universal_checkpoint_that_does_not_fit_the_model(source, tmp_path):
+    out = tmp_path / "out"
+    reshard_checkpoint(source["step_n"], out, tensor=1, progress=False)
+    cfg = load_config(out / "config.yaml", ["model.ffn_hidden_size=128"]).to_dict()
+    (out / "config.yaml").unlink()  # a changed model, resumed on purpose
+    error = distributed.run(_train_error, 1, cfg, str(out), tmp_path=tmp_path)[0]
+    assert error == (
+        f"tensor 'layers.0.mlp.gate_up.weight' has shape [192, 64] in"
+        f" '{out / f'checkpoints/step_{N:07d}'}'; the target config expects [256, 64]"
+    )
 
 
 @pytest.mark.parametrize(

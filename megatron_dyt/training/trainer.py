@@ -92,19 +92,27 @@ def _check_resume_layout(cfg: Config, folder: Path, world_size: int) -> bool:
     """
     from megatron_dyt.convert import reshard
 
-    if reshard.is_universal(folder):
-        return True
-    saved = reshard.saved_layout(folder)
     current = reshard.run_layout(cfg, world_size)
-    if current.loads_natively(saved):
-        return False
-    if not cfg.resume.reshard:
-        raise TrainingError(
-            f"checkpoint '{folder}' was saved at {saved.describe()}; this run is"
-            f" {current.describe()}. Set resume.reshard=true to convert its weights and optimizer"
-            " state to this layout while resuming, or convert it first with `megatron-dyt"
-            " convert reshard`"
-        )
+    if reshard.is_universal(folder):
+        saved = None
+    else:
+        saved = reshard.saved_layout(folder)
+        if current.loads_natively(saved):
+            return False
+        if not cfg.resume.reshard:
+            raise TrainingError(
+                f"checkpoint '{folder}' was saved at {saved.describe()}; this run is"
+                f" {current.describe()}. Set resume.reshard=true to convert its weights and"
+                " optimizer state to this layout while resuming, or convert it first with"
+                " `megatron-dyt convert reshard`"
+            )
+    for side, lay in (("this run", current), ("the checkpoint", saved)):
+        if lay is not None and (lay.zero_stage == 3 or lay.optimizer == "fp16"):
+            raise TrainingError(
+                f"cannot reshard '{folder}': {side} is {lay.describe()}"
+                f"{' with fp16' if lay.optimizer == 'fp16' else ''}; resharding supports ZeRO"
+                " stages 0-2 in fp32 or bf16"
+            )
     return True
 
 
