@@ -197,12 +197,21 @@ class EvalConfig(_Section):
     limit: int | None = Field(None, ge=1)  # at most this many documents per task
 
 
+class ResumeConfig(_Section):
+    """How a run folder's latest checkpoint is resumed (not part of the run's identity)."""
+
+    # Resume a checkpoint saved at another TP/PP/DP/ZeRO layout: weights, Adam moments and step
+    # are converted to this run's layout while loading (megatron_dyt/convert/reshard.py).
+    reshard: bool = False
+
+
 class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    resume: ResumeConfig = Field(default_factory=ResumeConfig)
 
     @model_validator(mode="after")
     def _check_layout(self) -> Config:

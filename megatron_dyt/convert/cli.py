@@ -133,12 +133,15 @@ def add_from_hf(sub: argparse._SubParsersAction) -> None:
 
 def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `convert` and its subcommands on the main parser's subparsers."""
+    from megatron_dyt.convert.reshard import add_reshard_parser
+
     convert = subparsers.add_parser(
         "convert",
-        help="checkpoint conversion: Hugging Face export and import",
-        description="Convert checkpoints to and from other formats.",
+        help="checkpoint conversion: Hugging Face export/import, resharding",
+        description="Convert checkpoints to and from other formats, or to another TP/PP layout.",
     )
     sub = convert.add_subparsers(dest="convert_command", required=True, metavar="SUBCOMMAND")
     add_to_hf(sub)
     add_from_hf(sub)
+    add_reshard_parser(sub)
     return convert

@@ -195,9 +195,12 @@ def read_config(folder: Path) -> Config:
 
 def read_full_state_dict(folder: Path, cfg: Config) -> dict[str, torch.Tensor]:
     """The full (TP-merged, all stages) model weights of a checkpoint, by canonical name."""
+    from megatron_dyt.convert.reshard import is_universal, read_universal_weights
     from megatron_dyt.model.init import tp_partition
     from megatron_dyt.parallel import merge_shards
 
+    if is_universal(folder):  # written by `convert reshard`: full tensors already
+        return read_universal_weights(folder)
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
     if cfg.parallel.zero_stage == 3:
         if tp > 1:

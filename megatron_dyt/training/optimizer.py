@@ -14,6 +14,17 @@ def is_dyt_scalar(name: str) -> bool:
     return name.endswith((".alpha", ".shift")) or name == "embedding.scale"
 
 
+def group_key(name: str, ndim: int, cfg: Config) -> tuple[float, float]:
+    """(weight decay, lr multiplier) of a parameter: which AdamW group it belongs to.
+
+    Resharding uses it too, to find a parameter's place in a saved optimizer's groups.
+    """
+    t = cfg.train
+    decay = t.weight_decay if (t.weight_decay_policy == "all" or ndim >= 2) else 0.0
+    mult = t.dyt_lr_multiplier if is_dyt_scalar(name) else 1.0
+    return decay, mult
+
+
 def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
     """Groups keyed by (weight decay, lr multiplier); `lr_mult` scales the scheduled lr.
 
@@ -26,8 +37,7 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
     for name, param in canonical_parameters(model):
         if not param.requires_grad:
             continue
-        decay = t.weight_decay if (t.weight_decay_policy == "all" or param.dim() >= 2) else 0.0
-        mult = t.dyt_lr_multiplier if is_dyt_scalar(name) else 1.0
+        decay, mult = group_key(name, param.dim(), cfg)
         groups.setdefault((decay, mult), []).append(param)
         names.setdefault((decay, mult), []).append(name)
     return [

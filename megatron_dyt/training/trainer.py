@@ -14,7 +14,7 @@ import math
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_dyt import parallel
 from megatron_dyt.config import Config, load_config
+from megatron_dyt.convert.reshard import run_layout
 from megatron_dyt.training import checkpoint
 from megatron_dyt.training.engine import (
     BatchLayout,
@@ -65,19 +66,64 @@ def write_status(run_dir: Path, state: str, step: int, total_steps: int, **extra
     tmp.replace(run_dir / "status.json")
 
 
+# Keys that may change between a run and its resumption: how to resume, and (with
+# resume.reshard=true) the parallel layout, which resharding converts the checkpoint to.
+_RESUME_KEYS = ("resume.",)
+_LAYOUT_KEYS = (
+    "parallel.tensor:",
+    "parallel.pipeline:",
+    "parallel.zero_stage:",
+    "parallel.sequence_parallel:",
+)
+
+
 def prepare_run_dir(cfg: Config, run_dir: Path, allow_config_change: bool) -> None:
     """Refuse to resume a folder trained with a different config, unless asked to."""
     saved = run_dir / "config.yaml"
     if saved.is_file():
         old = load_config(saved)
-        if old != cfg:
-            diff = _config_diff(old.to_dict(), cfg.to_dict())
-            if not allow_config_change:
-                raise TrainingError(
-                    f"run folder '{run_dir}' holds a run with a different config"
-                    f" ({'; '.join(diff[:8])}); use another --run-dir, or pass"
-                    " --allow-config-change to continue this run with the new config"
-                )
+        ignored = _RESUME_KEYS + (_LAYOUT_KEYS if cfg.resume.reshard else ())
+        diff = [d for d in _config_diff(old.to_dict(), cfg.to_dict()) if not d.startswith(ignored)]
+        if diff and not allow_config_change:
+            hint = ""
+            if all(d.startswith(_LAYOUT_KEYS) for d in diff):
+                hint = "; or set resume.reshard=true to resume it at the new parallel layout"
+            raise TrainingError(
+                f"run folder '{run_dir}' holds a run with a different config"
+                f" ({'; '.join(diff[:8])}); use another --run-dir, or pass"
+                f" --allow-config-change to continue this run with the new config{hint}"
+            )
+
+
+def _check_resume_layout(cfg: Config, folder: Path, world_size: int) -> bool:
+    """Whether checkpoint `folder` must be resharded to resume at this run's layout.
+
+    Without resume.reshard=true a different layout is an error that says what to do.
+    """
+    from megatron_dyt.convert import reshard
+
+    current = reshard.run_layout(cfg, world_size)
+    if reshard.is_universal(folder):
+        saved = None
+    else:
+        saved = reshard.saved_layout(folder)
+        if current.loads_natively(saved):
+            return False
+        if not cfg.resume.reshard:
+            raise TrainingError(
+                f"checkpoint '{folder}' was saved at {saved.describe()}; this run is"
+                f" {current.describe()}. Set resume.reshard=true to convert its weights and"
+                " optimizer state to this layout while resuming, or convert it first with"
+                " `megatron-dyt convert reshard`"
+            )
+    for side, lay in (("this run", current), ("the checkpoint", saved)):
+        if lay is not None and (lay.zero_stage == 3 or lay.optimizer == "fp16"):
+            raise TrainingError(
+                f"cannot reshard '{folder}': {side} is {lay.describe()}"
+                f"{' with fp16' if lay.optimizer == 'fp16' else ''}; resharding supports ZeRO"
+                " stages 0-2 in fp32 or bf16"
+            )
+    return True
 
 
 def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -221,6 +267,11 @@ def train(
 
     dp = data_parallel_size(cfg)
     layout = batch_layout(cfg, dp)
+    ckpt_root = run_dir / "checkpoints"
+    tag = checkpoint.find_latest(ckpt_root)
+    resharded = tag is not None and _check_resume_layout(
+        cfg, ckpt_root / tag, dist.get_world_size()
+    )
     ds_config = deepspeed_config(cfg, layout)
     total_steps = cfg.train.train_steps
 
@@ -254,11 +305,18 @@ def train(
     )
     pipeline = cfg.parallel.pipeline > 1
 
-    ckpt_root = run_dir / "checkpoints"
     step, cursor, skipped = 0, 0, []
-    tag = checkpoint.find_latest(ckpt_root)
+
+    def resume(tag: str, reshard: bool) -> dict[str, Any]:
+        if not reshard:
+            return checkpoint.load(engine, ckpt_root, tag)
+        from megatron_dyt.convert.reshard import load_universal, universal_of
+
+        universal = universal_of(ckpt_root / tag, progress=is_rank0 and progress)
+        return load_universal(engine, universal, cfg, layout.global_batch)
+
     if tag is not None:
-        state = checkpoint.load(engine, ckpt_root, tag)
+        state = resume(tag, resharded)
         step, cursor, skipped = _position(state)
         if is_rank0 and state.get("weights_only"):
             print(
@@ -267,7 +325,8 @@ def train(
                 flush=True,
             )
         elif is_rank0:
-            print(f"resuming from {ckpt_root / tag} (step {step})", flush=True)
+            how = " (resharded to this layout)" if resharded else ""
+            print(f"resuming from {ckpt_root / tag} (step {step}){how}", flush=True)
     result = TrainResult(run_dir=run_dir, start_step=step, step=step)
 
     device = _device()
@@ -295,6 +354,7 @@ def train(
             "data_cursor": cursor,
             "consumed_samples": cursor * layout.global_batch,
             "skipped_batches": skipped,
+            "layout": asdict(run_layout(cfg, world)),
         }
         folder = checkpoint.save(
             engine, ckpt_root, step, client, cfg, tokenizer.path, cfg.train.keep_checkpoints
@@ -317,7 +377,7 @@ def train(
                 good = checkpoint.find_latest(ckpt_root)
                 if len(skipped) < cfg.train.skip_nonfinite_steps and good is not None:
                     skipped.append(cursor)
-                    step, cursor, _ = _position(checkpoint.load(engine, ckpt_root, good))
+                    step, cursor, _ = _position(resume(good, good == tag and resharded))
                     result.losses = {k: v for k, v in result.losses.items() if k <= step}
                     writer.write(
                         step,
