@@ -132,6 +132,48 @@ def _cast(y, DTYPE: tl.constexpr, EXACT_BF16: tl.constexpr):
 # ---- kernels --------------------------------------------------------------------------------
 
 
+@_helper
+def _forward_values(
+    X,
+    R,
+    H,
+    Y,
+    ALPHA,
+    SHIFT,
+    W,
+    B,
+    offs,
+    mask,
+    cols,
+    col_mask,
+    ACT: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
+):
+    """y = γ·f(α·x + s) + β (and h = x + r first) for the elements at `offs`; `cols` are their
+    columns, shaped to broadcast against `offs` (a row of a 2-D tile, or one per element)."""
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        # h is rounded to the activation dtype before the norm sees it, exactly as `x + r` then
+        # DyT(h) would do in PyTorch.
+        h = _cast(
+            x + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32),
+            H.dtype.element_ty,
+            EXACT_BF16,
+        )
+        tl.store(H + offs, h, mask=mask)
+        x = h.to(tl.float32)
+    z = tl.load(ALPHA).to(tl.float32) * x
+    if HAS_SHIFT:
+        z = z + tl.load(SHIFT).to(tl.float32)
+    y = _squash(z, ACT) * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
+    tl.store(Y + offs, _cast(y, Y.dtype.element_ty, EXACT_BF16), mask=mask)
+
+
 @triton.jit
 def _fwd_kernel(
     X,
@@ -158,25 +200,10 @@ def _fwd_kernel(
     col_ok = cols < N
     mask = (rows < M)[:, None] & col_ok[None, :]
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        # h is rounded to the activation dtype before the norm sees it, exactly as `x + r` then
-        # DyT(h) would do in PyTorch.
-        h = _cast(
-            x + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32),
-            H.dtype.element_ty,
-            EXACT_BF16,
-        )
-        tl.store(H + offs, h, mask=mask)
-        x = h.to(tl.float32)
-    z = tl.load(ALPHA).to(tl.float32) * x
-    if HAS_SHIFT:
-        z = z + tl.load(SHIFT).to(tl.float32)
-    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-    y = _squash(z, ACT) * w[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + offs, _cast(y, Y.dtype.element_ty, EXACT_BF16), mask=mask)
+    _forward_values(
+        X, R, H, Y, ALPHA, SHIFT, W, B, offs, mask, cols[None, :], col_ok[None, :],
+        ACT, HAS_SHIFT, HAS_BIAS, HAS_RESIDUAL, EXACT_BF16,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -202,23 +229,10 @@ def _fwd_flat_kernel(
     gathered by column (they stay in L1/L2). Long contiguous runs per program, no 2-D tiling."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < TOTAL
-    cols = offs % N
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        h = _cast(
-            x + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32),
-            H.dtype.element_ty,
-            EXACT_BF16,
-        )
-        tl.store(H + offs, h, mask=mask)
-        x = h.to(tl.float32)
-    z = tl.load(ALPHA).to(tl.float32) * x
-    if HAS_SHIFT:
-        z = z + tl.load(SHIFT).to(tl.float32)
-    y = _squash(z, ACT) * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + offs, _cast(y, Y.dtype.element_ty, EXACT_BF16), mask=mask)
+    _forward_values(
+        X, R, H, Y, ALPHA, SHIFT, W, B, offs, mask, offs % N, mask,
+        ACT, HAS_SHIFT, HAS_BIAS, HAS_RESIDUAL, EXACT_BF16,
+    )  # fmt: skip
 
 
 @triton.jit

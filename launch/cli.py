@@ -5,15 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
+from megatron_dyt.arguments import non_negative_int, positive_int
 
 
 def _run_dir(args: argparse.Namespace) -> Path:
@@ -72,11 +64,11 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
     )
     slurm.add_argument("config", metavar="CONFIG")
     slurm.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    slurm.add_argument("--nodes", type=_positive, required=True)
-    slurm.add_argument("--gpus-per-node", type=_positive, default=8)
+    slurm.add_argument("--nodes", type=positive_int, required=True)
+    slurm.add_argument("--gpus-per-node", type=non_negative_int, default=8)
     slurm.add_argument(
         "--nproc-per-node",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="training processes per node (default: --gpus-per-node; needed on CPU nodes)",
     )
@@ -90,11 +82,11 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
     slurm.add_argument("--account")
     slurm.add_argument("--time", help="time limit, e.g. 2-00:00:00")
     slurm.add_argument("--qos")
-    slurm.add_argument("--cpus-per-task", type=_positive)
+    slurm.add_argument("--cpus-per-task", type=positive_int)
     slurm.add_argument("--job-name", help="default: model.name")
     slurm.add_argument(
         "--signal-seconds",
-        type=_positive,
+        type=positive_int,
         default=300,
         help="send USR1 this long before the time limit (checkpoint + requeue)",
     )
@@ -117,7 +109,7 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
     )
     local.add_argument("config", metavar="CONFIG")
     local.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    local.add_argument("--nproc", type=_positive, required=True, help="processes to start")
+    local.add_argument("--nproc", type=positive_int, required=True, help="processes to start")
     local.add_argument("--run-dir", help="run folder (default: runs/<config file name>)")
     local.add_argument("--dry-run", action="store_true", help="print the command only")
     local.set_defaults(func=cmd_local)

@@ -49,6 +49,7 @@ from typing import Any
 
 import yaml
 
+from megatron_dyt.arguments import positive_int
 from megatron_dyt.config import Config, ConfigError, _apply_override, config_from_dict
 
 STATES = ("pending", "running", "done", "failed", "diverged")
@@ -791,16 +792,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
-    return value
-
-
 def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
     """`megatron-dyt sweep run|run-one|report`."""
     sweep = subparsers.add_parser(
@@ -822,13 +813,13 @@ def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--out", help="sweep folder (default: runs/sweep-<spec name>)")
     run.add_argument(
         "--parallel",
-        type=_positive,
+        type=positive_int,
         default=1,
         help="runs at a time (locally; with --slurm: the array's %%limit)",
     )
     run.add_argument(
         "--gpus-per-run",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="GPUs (processes, via torchrun) per run (default: 1 process, no GPU request)",
     )
@@ -838,7 +829,7 @@ def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--partition", help="SLURM partition")
     run.add_argument("--account", help="SLURM account")
     run.add_argument("--time", help="SLURM time limit per run, e.g. 04:00:00")
-    run.add_argument("--cpus-per-task", type=_positive, help="SLURM CPUs per run")
+    run.add_argument("--cpus-per-task", type=positive_int, help="SLURM CPUs per run")
     run.add_argument(
         "--dry-run",
         action="store_true",
@@ -852,7 +843,7 @@ def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     one.add_argument("sweep_dir", metavar="SWEEP_DIR")
     one.add_argument("--index", type=int, required=True, help="run index (plan.json)")
-    one.add_argument("--nproc-per-run", type=_positive, default=1, help="processes for the run")
+    one.add_argument("--nproc-per-run", type=positive_int, default=1, help="processes for the run")
     one.add_argument("--retry-diverged", action="store_true", help="run it even if it diverged")
     one.set_defaults(func=cmd_run_one)
 

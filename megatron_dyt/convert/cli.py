@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megatron_dyt.arguments import positive_int
+
 
 def cmd_to_hf(args: argparse.Namespace) -> int:
     from megatron_dyt.convert.to_hf import export_to_hf
@@ -59,16 +61,6 @@ def cmd_from_hf(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
-
-
 def add_to_hf(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "to-hf",
@@ -111,8 +103,8 @@ def add_from_hf(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.norm.alpha_attn=0.8"
     )
-    p.add_argument("--tp", type=_positive, default=1, help="tensor-parallel size (default 1)")
-    p.add_argument("--pp", type=_positive, default=1, help="pipeline-parallel size (default 1)")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size (default 1)")
+    p.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel size (default 1)")
     p.add_argument(
         "--config",
         help="target config YAML (model shape checked tensor by tensor; norm α₀, data, training)",

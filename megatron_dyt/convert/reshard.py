@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from megatron_dyt.arguments import positive_int
 from megatron_dyt.config import Config, config_from_dict
 from megatron_dyt.training.checkpoint import (
     COMPLETE,
@@ -765,8 +766,8 @@ def add_reshard_parser(convert_subparsers) -> argparse.ArgumentParser:
         "checkpoint", metavar="CHECKPOINT", help="run folder, its checkpoints/ or a step_* folder"
     )
     p.add_argument("out", metavar="OUT", help="new run folder to write")
-    p.add_argument("--tp", type=int, default=None, help="target tensor-parallel size")
-    p.add_argument("--pp", type=int, default=None, help="target pipeline-parallel size")
+    p.add_argument("--tp", type=positive_int, default=None, help="target tensor-parallel size")
+    p.add_argument("--pp", type=positive_int, default=None, help="target pipeline-parallel size")
     p.add_argument(
         "--zero-stage", type=int, default=None, choices=[0, 1, 2, 3], help="target ZeRO stage"
     )
