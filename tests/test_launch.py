@@ -36,8 +36,16 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def write_config(tmp_path: Path, corpus: dict, **train) -> Path:
+def job_config(corpus: dict, **train) -> dict:
+    """The trainer tests' tiny DP-ready config, with the torch norms: the Triton interpreter
+    (on in CPU tests) would make each step of these multi-process jobs ~10× slower."""
     cfg = train_dict(corpus, zero=1, **train)
+    cfg["model"]["norm"]["backend"] = "torch"
+    return cfg
+
+
+def write_config(tmp_path: Path, corpus: dict, **train) -> Path:
+    cfg = job_config(corpus, **train)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -144,6 +152,20 @@ def reference(tmp_path_factory, corpus):
     return config, losses(tmp / "run")
 
 
+def release_after_requeue(cluster: Cluster, job: str, timeout: float = 300) -> None:
+    """SLURM holds a requeued batch job for a while before it may start again; once the job is
+    back in the queue, let it start now (what an admin's `scontrol update` does)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = cluster.job_state(job)
+        if int(state.get("Restarts", 0)) >= 1 and state.get("JobState") == "PENDING":
+            cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+            return
+        if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"):
+            return
+        time.sleep(0.5)
+
+
 def submit(cluster: Cluster, *args: str) -> str:
     out = subprocess.run(
         [*CLI, "launch", "slurm", *args], env=cluster.env, capture_output=True, text=True, cwd=ROOT
@@ -173,7 +195,7 @@ def test_two_node_job_equals_a_local_run(cluster, reference, tmp_path, launcher)
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes(cluster, corpus, tmp_path):
-    steps = 60
+    steps = 40
     config = write_config(tmp_path, corpus, train_steps=steps)
     run_dir = tmp_path / "run"
     job = submit(
@@ -186,6 +208,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, corpus, tmp_pat
         assert time.time() < deadline, "the job never started training"
         time.sleep(0.2)
     cluster.run("scancel", "--signal=USR1", job)  # what SLURM sends before the time limit
+    release_after_requeue(cluster, job)
     state = cluster.wait(job)
     log = (run_dir / "logs" / f"slurm-{job}.out").read_text()
     assert state["JobState"] == "COMPLETED", log[-3000:]
@@ -201,7 +224,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, corpus, tmp_pat
 def test_sweep_as_a_job_array_with_a_preempted_task(cluster, corpus, tmp_path):
     """`sweep run --slurm` on the cluster: one array task is signalled mid-run, checkpoints,
     requeues itself and resumes; every run finishes and `sweep report` writes its files."""
-    base = train_dict(corpus, zero=1, train_steps=30)
+    base = job_config(corpus, train_steps=30)
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     spec = tmp_path / "spec.yaml"
     grid = {"model.norm.alpha_attn": [0.5, 1.0], "model.norm.alpha_mlp": [0.3, 0.6]}
@@ -220,6 +243,7 @@ def test_sweep_as_a_job_array_with_a_preempted_task(cluster, corpus, tmp_path):
         assert time.time() < deadline, "array task 0 never started training"
         time.sleep(0.2)
     cluster.run("scancel", "--batch", "--signal=USR1", f"{job}_0")
+    release_after_requeue(cluster, f"{job}_0")
     cluster.wait(job)
     log0 = (out / "slurm" / f"{job}_0.out").read_text()
     assert "requeueing array task" in log0, log0[-3000:]
