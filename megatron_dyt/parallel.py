@@ -50,6 +50,11 @@ def initialize_model_parallel(parallel: ParallelConfig) -> None:
             " processes"
         )
     if parallel_state.model_parallel_is_initialized():
+        if (
+            parallel_state.get_tensor_model_parallel_world_size() == parallel.tensor
+            and parallel_state.get_pipeline_model_parallel_world_size() == parallel.pipeline
+        ):
+            return  # the same groups: re-creating them would leak every old group's threads
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor,
