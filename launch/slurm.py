@@ -76,7 +76,7 @@ def git_revision() -> str:
     return rev + ("-dirty" if dirty else "")
 
 
-def _sbatch_options(opts: SlurmOptions, layout: JobLayout) -> str:
+def _sbatch_options(opts: SlurmOptions) -> str:
     lines = []
     if opts.gpus_per_node > 0:
         lines.append(f"--gpus-per-node={opts.gpus_per_node}")
@@ -141,7 +141,7 @@ def render(
         "JOB_NAME": opts.job_name or cfg.model.name,
         "NODES": str(layout.nodes),
         "TASKS_PER_NODE": str(tasks),
-        "SBATCH_OPTIONS": _sbatch_options(opts, layout),
+        "SBATCH_OPTIONS": _sbatch_options(opts),
         "RUN_DIR": shlex.quote(str(run_dir)),
         "SIGNAL_SECONDS": str(opts.signal_seconds),
         "REQUEUE": "#SBATCH --requeue" if opts.requeue else "#SBATCH --no-requeue",

@@ -31,8 +31,8 @@ from megatron_dyt.training.checkpoint import (
     COMPLETE,
     LATEST,
     CheckpointError,
-    _atomic_write,
     _layer_prefix,
+    atomic_write,
     read_config,
     resolve,
     tag_for,
@@ -438,7 +438,7 @@ def convert_to_universal(
             "source": {"checkpoint": str(folder), "layout": asdict(layout)},
             "params": params,
         }
-        _atomic_write(tmp / META, json.dumps(meta, indent=1) + "\n")
+        atomic_write(tmp / META, json.dumps(meta, indent=1) + "\n")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -740,10 +740,10 @@ def reshard_checkpoint(
         client = {
             k: meta[k] for k in ("step", "data_cursor", "consumed_samples", "skipped_batches")
         }
-        _atomic_write(
+        atomic_write(
             step_dir / COMPLETE, json.dumps({**client, "universal": True, "source": str(folder)})
         )
-        _atomic_write(tmp / "checkpoints" / LATEST, tag)
+        atomic_write(tmp / "checkpoints" / LATEST, tag)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

@@ -34,7 +34,8 @@ def tag_for(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Write `text` to `path` so a reader sees the old file or the whole new one, never part."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     with open(tmp) as fh:
@@ -105,7 +106,7 @@ def save(
         (folder / "config.yaml").write_text(cfg.to_yaml())
         if tokenizer_path:
             shutil.copy2(tokenizer_path, folder / "tokenizer.model")
-        _atomic_write(
+        atomic_write(
             folder / COMPLETE,
             json.dumps(
                 {
@@ -116,7 +117,7 @@ def save(
                 }
             ),
         )
-        _atomic_write(root / LATEST, tag)
+        atomic_write(root / LATEST, tag)
         for old in complete_tags(root)[:-keep]:
             shutil.rmtree(root / old, ignore_errors=True)
     dist.barrier()

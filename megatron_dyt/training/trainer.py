@@ -61,9 +61,7 @@ def write_status(run_dir: Path, state: str, step: int, total_steps: int, **extra
     to resume from, or "diverged"), for SLURM requeue logic and sweep bookkeeping."""
     record = {"state": state, "step": step, "train_steps": total_steps, "time": time.time()}
     record.update({k: v for k, v in extra.items() if v is not None})
-    tmp = run_dir / "status.json.tmp"
-    tmp.write_text(json.dumps(record) + "\n")
-    tmp.replace(run_dir / "status.json")
+    checkpoint.atomic_write(run_dir / "status.json", json.dumps(record) + "\n")
 
 
 # Keys that may change between a run and its resumption: how to resume, and (with
