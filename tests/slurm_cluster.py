@@ -23,7 +23,7 @@ SlurmctldHost=localhost
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={root}/munge.socket
+AuthInfo=socket={root}/munge.socket,cred_expire=10
 CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -116,6 +116,15 @@ class Cluster:
     def job_state(self, job_id: str) -> dict[str, str]:
         out = self.run("scontrol", "show", "job", "-o", job_id).stdout
         return dict(f.split("=", 1) for f in out.split() if "=" in f)
+
+    def diagnostics(self, job_id: str) -> str:
+        """What SLURM says about a job, for a failing test's message: its record and the
+        controller's log (a launch failure such as a revoked credential is only there)."""
+        record = self.run("scontrol", "show", "job", job_id, check=False).stdout
+        log = self.root / "slurmctld.log"
+        lines = log.read_text().splitlines() if log.exists() else []
+        tail = "\n".join([line for line in lines if "debug" not in line][-25:])
+        return f"\n--- scontrol show job {job_id}\n{record}\n--- slurmctld.log (tail)\n{tail}"
 
     def wait(self, job_id: str, timeout: float = 600) -> dict[str, str]:
         """Block until the job (and, for an array, every task) has ended; its last state."""

@@ -153,12 +153,20 @@ def reference(tmp_path_factory, corpus):
 
 
 def release_after_requeue(cluster: Cluster, job: str, timeout: float = 300) -> None:
-    """SLURM holds a requeued batch job for a while before it may start again; once the job is
-    back in the queue, let it start now (what an admin's `scontrol update` does)."""
+    """Start a requeued job as soon as SLURM allows it, not at the next scheduler pass.
+
+    SLURM holds a requeued batch job until its EligibleTime (requeue + cred_expire + 1 s, 11 s on
+    the test cluster): until then the nodes still hold the old run's revoked credential and refuse
+    to launch it ("Job credential revoked"), so it must not be started any earlier."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         state = cluster.job_state(job)
         if int(state.get("Restarts", 0)) >= 1 and state.get("JobState") == "PENDING":
+            try:
+                begin = time.mktime(time.strptime(state["EligibleTime"], "%Y-%m-%dT%H:%M:%S"))
+            except (KeyError, ValueError):  # no begin time shown: wait out the credential
+                begin = time.time() + 11
+            time.sleep(max(0.0, begin - time.time()) + 2)
             cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
             return
         if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"):
@@ -184,7 +192,7 @@ def test_two_node_job_equals_a_local_run(cluster, reference, tmp_path, launcher)
     )  # fmt: skip
     state = cluster.wait(job)
     log = (run_dir / "logs" / f"slurm-{job}.out").read_text()
-    assert state["JobState"] == "COMPLETED", log[-3000:]
+    assert state["JobState"] == "COMPLETED", log[-3000:] + cluster.diagnostics(job)
     assert "2 node(s) n[1-2]" in log  # both nodes took part
     got = losses(run_dir)
     assert sorted(got) == sorted(expected)
@@ -211,8 +219,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, corpus, tmp_pat
     release_after_requeue(cluster, job)
     state = cluster.wait(job)
     log = (run_dir / "logs" / f"slurm-{job}.out").read_text()
-    assert state["JobState"] == "COMPLETED", log[-3000:]
-    assert int(state["Restarts"]) == 1, log[-3000:]
+    assert state["JobState"] == "COMPLETED", log[-3000:] + cluster.diagnostics(job)
+    assert int(state["Restarts"]) == 1, log[-3000:] + cluster.diagnostics(job)
     assert "requeueing job" in log and "resuming from" in log
     stopped_at = int(log.split("saved ")[1].split("step_")[1].split(",")[0])
     assert 3 <= stopped_at < steps  # it stopped early, with a checkpoint ...
@@ -246,7 +254,7 @@ def test_sweep_as_a_job_array_with_a_preempted_task(cluster, corpus, tmp_path):
     release_after_requeue(cluster, f"{job}_0")
     cluster.wait(job)
     log0 = (out / "slurm" / f"{job}_0.out").read_text()
-    assert "requeueing array task" in log0, log0[-3000:]
+    assert "requeueing array task" in log0, log0[-3000:] + cluster.diagnostics(job)
     for entry in plan:
         run_dir = out / entry["run_dir"]
         steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open()]
