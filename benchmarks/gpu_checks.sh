@@ -24,5 +24,5 @@ phase tests "${TESTS_S:-90}" python3 -m pytest -q -p no:cacheprovider -o addopts
   "$REPO/tests/test_kernels.py"
 phase step "${STEP_S:-90}" python3 -m megatron_dyt.kernels.bench_step --json "$OUT/step.json"
 # Block sizes: tune ours on the two large DyT shapes, then the whole table with the choice.
-phase bench "${BENCH_S:-300}" python3 -m megatron_dyt.kernels.bench --tune \
+phase bench "${BENCH_S:-400}" python3 -m megatron_dyt.kernels.bench --tune \
   --tune-shapes 16384x4096,32768x8192 --json "$OUT/kernels.json"

@@ -14,8 +14,10 @@ hardtanh, sigmoid, identity) with no shift s, Derf is f = erf with a learnable s
   float dtype and their gradients come back in it.
 
 Registered with `torch.library.triton_op`, so `torch.compile` sees custom ops (no graph break)
-and Inductor can schedule the kernels itself; there are no host syncs (α and s stay on device),
-so CUDA graphs capture them. With `TRITON_INTERPRET=1` set before this module is imported, the
+and Inductor can schedule the kernels itself. Eager calls skip the custom-op dispatcher and run
+the same launches under plain autograd Functions: the dispatcher's host time would exceed the
+kernels' GPU time at common shapes (`python -m megatron_dyt.kernels.bench_host`). There are no
+host syncs (α and s stay on device), so CUDA graphs capture either path. With `TRITON_INTERPRET=1` set before this module is imported, the
 same kernels run on CPU tensors through Triton's interpreter (slow; for tests).
 """
 
@@ -24,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import triton
@@ -257,6 +259,7 @@ def _bwd_kernel(
     EXACT_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """dx for ROWS_PER_PROGRAM rows of one column tile, and this program's partial sums.
 
@@ -279,7 +282,9 @@ def _bwd_kernel(
     acc_a = tl.zeros((BLOCK_M,), dtype=tl.float32)  # per row of the tile: few registers
     acc_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
     first_row = pid_m * ROWS_PER_PROGRAM
-    for start in range(0, ROWS_PER_PROGRAM, BLOCK_M):
+    # STAGES > 1 software-pipelines the row loop (the next steps' loads are issued before this
+    # step's math); None leaves it to the compiler.
+    for start in tl.range(0, ROWS_PER_PROGRAM, BLOCK_M, num_stages=STAGES):
         rows = first_row + start + tl.arange(0, BLOCK_M)
         mask = (rows < M)[:, None] & col_ok[None, :]
         offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
@@ -378,6 +383,7 @@ class Tuning:
     bwd_warps: int = 4
     bwd_programs_per_sm: int = 8
     bwd_min_rows: int = 64  # rows per program at least, so the partials stay ~2% of traffic
+    bwd_stages: int = 0  # software-pipelining depth of the backward's row loop; 0: compiler's
     sm_count: int = 0  # 0: ask the GPU
     finish_block_n: int = 1024  # columns per program of the second reduction stage
 
@@ -412,6 +418,16 @@ def _tuning_for(device: torch.device) -> Tuning:
     return _TUNING["cuda" if device.type == "cuda" else "cpu"]
 
 
+# Host-side arithmetic in plain Python: `triton.cdiv` and `triton.next_power_of_2` are jitted
+# functions whose every call costs microseconds, and a launch is on the eager critical path.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -420,7 +436,7 @@ def _sm_count(index: int) -> int:
 def _fwd_config(n: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): several rows per program when the hidden size is small."""
     t = _tuning_for(device)
-    block_n = min(triton.next_power_of_2(n), t.fwd_max_block_n)
+    block_n = min(_pow2(n), t.fwd_max_block_n)
     block_m = max(1, t.fwd_tile // block_n)
     return block_m, block_n, t.fwd_warps
 
@@ -434,13 +450,18 @@ def _bwd_config(m: int, n: int, device: torch.device) -> tuple[int, int, int, in
     """
     t = _tuning_for(device)
     sms = t.sm_count or _sm_count(device.index if device.index is not None else 0)
-    block_n = min(triton.next_power_of_2(n), t.bwd_max_block_n)
+    return _bwd_grid(m, n, t, sms)
+
+
+@functools.lru_cache(maxsize=256)
+def _bwd_grid(m: int, n: int, t: Tuning, sms: int) -> tuple[int, int, int, int, int]:
+    block_n = min(_pow2(n), t.bwd_max_block_n)
     block_m = max(1, t.bwd_tile // block_n)
-    col_blocks = triton.cdiv(n, block_n)
-    wanted = triton.cdiv(t.bwd_programs_per_sm * sms, col_blocks)
-    row_programs = max(1, min(wanted, triton.cdiv(m, max(t.bwd_min_rows, block_m))))
-    rows_per_program = max(1, triton.cdiv(triton.cdiv(m, row_programs), block_m)) * block_m
-    row_programs = triton.cdiv(m, rows_per_program)
+    col_blocks = _cdiv(n, block_n)
+    wanted = _cdiv(t.bwd_programs_per_sm * sms, col_blocks)
+    row_programs = max(1, min(wanted, _cdiv(m, max(t.bwd_min_rows, block_m))))
+    rows_per_program = max(1, _cdiv(_cdiv(m, row_programs), block_m)) * block_m
+    row_programs = _cdiv(m, rows_per_program)
     return block_m, block_n, rows_per_program, row_programs, t.bwd_warps
 
 
@@ -456,86 +477,66 @@ def _rows(x: Tensor) -> Tensor:
     return x.contiguous().view(-1, x.shape[-1])
 
 
-# ---- custom ops -----------------------------------------------------------------------------
+# ---- launches -------------------------------------------------------------------------------
+#
+# The launch functions take `wrap`: `wrap_triton` inside the custom ops (so torch.compile traces
+# the kernels), the identity on the eager path (a plain launch, no tracing machinery).
+
+Wrap = Callable[[triton.JITFunction], object]
 
 
-def _launch_forward(
-    x2: Tensor,
-    r2: Tensor | None,
-    h: Tensor | None,
-    y: Tensor,
-    alpha: Tensor,
-    shift: Tensor | None,
-    weight: Tensor,
-    bias: Tensor | None,
-    act: int,
-) -> None:
-    m, n = x2.shape
-    if m == 0:
-        return
-    t = _tuning_for(x2.device)
-    common = dict(
-        ACT=act,
-        HAS_SHIFT=shift is not None,
-        HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=r2 is not None,
-        EXACT_BF16=_exact_bf16(x2),
-        num_warps=t.fwd_warps,
-    )
-    # Unused pointers get stand-ins that are read-only inputs of the same dtype.
-    args = (
-        x2,
-        x2 if r2 is None else r2,
-        x2 if h is None else h,
-        y,
-        alpha,
-        alpha if shift is None else shift,
-        weight,
-        weight if bias is None else bias,
-    )
-    if t.fwd_flat:
-        grid = (triton.cdiv(m * n, t.fwd_tile),)
-        wrap_triton(_fwd_flat_kernel)[grid](*args, m * n, n, BLOCK=t.fwd_tile, **common)
-    else:
-        block_m, block_n, _ = _fwd_config(n, x2.device)
-        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-        wrap_triton(_fwd_kernel)[grid](*args, m, n, BLOCK_M=block_m, BLOCK_N=block_n, **common)
+def _plain(kernel: triton.JITFunction) -> triton.JITFunction:
+    return kernel
 
 
-@triton_op("megatron_dyt::dyt", mutates_args=())
-def _dyt(
+def _forward(
     x: Tensor,
+    r: Tensor | None,
     alpha: Tensor,
     shift: Tensor | None,
     weight: Tensor,
     bias: Tensor | None,
     act: int,
-) -> Tensor:
+    wrap: Wrap,
+) -> tuple[Tensor | None, Tensor]:
+    """(h, y): y = γ·f(α·h + s) + β with h = x + r (h is None without a residual)."""
     x2 = _rows(x)
+    r2 = None if r is None else _rows(r)
+    h = None if r is None else torch.empty_like(x2)
     y = torch.empty_like(x2)
-    _launch_forward(x2, None, None, y, alpha, shift, weight, bias, act)
-    return y.view(x.shape)
+    m, n = x2.shape
+    if m > 0:
+        t = _tuning_for(x2.device)
+        common = dict(
+            ACT=act,
+            HAS_SHIFT=shift is not None,
+            HAS_BIAS=bias is not None,
+            HAS_RESIDUAL=r2 is not None,
+            EXACT_BF16=_exact_bf16(x2),
+            num_warps=t.fwd_warps,
+        )
+        # Unused pointers get stand-ins that are read-only inputs of the same dtype.
+        args = (
+            x2,
+            x2 if r2 is None else r2,
+            x2 if h is None else h,
+            y,
+            alpha,
+            alpha if shift is None else shift,
+            weight,
+            weight if bias is None else bias,
+        )
+        if t.fwd_flat:
+            grid = (_cdiv(m * n, t.fwd_tile),)
+            wrap(_fwd_flat_kernel)[grid](*args, m * n, n, BLOCK=t.fwd_tile, **common)
+        else:
+            block_m, block_n, _ = _fwd_config(n, x2.device)
+            grid = (_cdiv(m, block_m), _cdiv(n, block_n))
+            wrap(_fwd_kernel)[grid](*args, m, n, BLOCK_M=block_m, BLOCK_N=block_n, **common)
+    return (None if h is None else h.view(x.shape)), y.view(x.shape)
 
 
-@triton_op("megatron_dyt::residual_dyt", mutates_args=())
-def _residual_dyt(
-    x: Tensor,
-    r: Tensor,
-    alpha: Tensor,
-    shift: Tensor | None,
-    weight: Tensor,
-    bias: Tensor | None,
-    act: int,
-) -> tuple[Tensor, Tensor]:
-    x2, r2 = _rows(x), _rows(r)
-    h = torch.empty_like(x2)
-    y = torch.empty_like(x2)
-    _launch_forward(x2, r2, h, y, alpha, shift, weight, bias, act)
-    return h.view(x.shape), y.view(x.shape)
-
-
-@triton_op("megatron_dyt::dyt_backward", mutates_args=())
-def _dyt_backward(
+def _backward(
     dy: Tensor,
     x: Tensor,
     alpha: Tensor,
@@ -544,6 +545,7 @@ def _dyt_backward(
     bias: Tensor | None,
     dh: Tensor | None,
     act: int,
+    wrap: Wrap,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx [+ dh], dα, ds, dγ, dβ), each parameter gradient in its parameter's dtype; ds is
     empty without a shift and dβ without a bias (`bias` is passed only for its dtype)."""
@@ -552,7 +554,7 @@ def _dyt_backward(
     m, n = x2.shape
     dx = torch.empty_like(x2)
     block_m, block_n, rows_per_program, row_programs, warps = _bwd_config(m, n, x.device)
-    col_blocks = triton.cdiv(n, block_n)
+    col_blocks = _cdiv(n, block_n)
     f32 = {"device": x.device, "dtype": torch.float32}
     has_bias = bias is not None
     part_w = torch.empty((row_programs, n), **f32)
@@ -564,7 +566,7 @@ def _dyt_backward(
     dbias = torch.empty(0 if bias is None else n, device=x.device, dtype=_dtype(bias, weight))
     if m == 0:
         return dx.view(x.shape), dalpha.zero_(), dshift.zero_(), dweight.zero_(), dbias.zero_()
-    wrap_triton(_bwd_kernel)[(row_programs, col_blocks)](
+    wrap(_bwd_kernel)[(row_programs, col_blocks)](
         dy2,
         x2,
         x2 if dh2 is None else dh2,  # unused stand-ins are always read-only inputs
@@ -585,10 +587,11 @@ def _dyt_backward(
         EXACT_BF16=_exact_bf16(x),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        STAGES=_tuning_for(x.device).bwd_stages or None,
         num_warps=warps,
     )
-    finish_n = min(triton.next_power_of_2(n), _tuning_for(x.device).finish_block_n)
-    wrap_triton(_finish_kernel)[(triton.cdiv(n, finish_n),)](
+    finish_n = min(_pow2(n), _tuning_for(x.device).finish_block_n)
+    wrap(_finish_kernel)[(_cdiv(n, finish_n),)](
         part_w,
         part_w if part_b.numel() == 0 else part_b,
         part_as,
@@ -611,44 +614,131 @@ def _dyt_backward(
     return dx.view(x.shape), dalpha, dshift, dweight, dbias
 
 
-# ---- autograd -------------------------------------------------------------------------------
-
-
-def _setup(ctx, norm_input: Tensor, alpha, shift, weight, bias, act: int) -> None:
-    ctx.save_for_backward(norm_input, alpha, shift, weight, bias)
-    ctx.act = act
-
-
-def _backward(ctx, dy: Tensor | None, dh: Tensor | None) -> tuple[Tensor | None, ...]:
-    """(dL/d norm input [+ dh], dα, ds, dγ, dβ), the parameter gradients in their dtypes."""
+def _param_grads(ctx, dy: Tensor | None, dh: Tensor | None, backward) -> tuple:
+    """(dL/d norm input [+ dh], dα, ds, dγ, dβ) from the saved tensors; None for the absent."""
     x, alpha, shift, weight, bias = ctx.saved_tensors  # unpacked once: checkpointing insists
     if dy is None:
         dy = torch.zeros_like(x)
-    dx, da, ds, dw, db = _dyt_backward(dy, x, alpha, shift, weight, bias, dh, ctx.act)
+    dx, da, ds, dw, db = backward(dy, x, alpha, shift, weight, bias, dh, ctx.act)
     return dx, da, None if shift is None else ds, dw, None if bias is None else db
+
+
+# ---- eager autograd -------------------------------------------------------------------------
+#
+# Outside torch.compile the kernels run under plain autograd Functions: a custom op's dispatch
+# (schema, autograd wrapper, redispatch, dynamo guards) costs ~150 µs of host time per call on
+# a fast CPU, more than the forward kernel itself at 16384 × 4096, and every eager training
+# step pays it four times per layer.
+
+
+def _eager_backward(dy, x, alpha, shift, weight, bias, dh, act):
+    return _backward(dy, x, alpha, shift, weight, bias, dh, act, _plain)
+
+
+class _DyTFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, alpha, shift, weight, bias, act):
+        _, y = _forward(x, None, alpha, shift, weight, bias, act, _plain)
+        ctx.save_for_backward(x, alpha, shift, weight, bias)
+        ctx.act = act
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return *_param_grads(ctx, dy, None, _eager_backward), None
+
+
+class _ResidualDyTFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, r, alpha, shift, weight, bias, act):
+        h, y = _forward(x, r, alpha, shift, weight, bias, act, _plain)
+        ctx.save_for_backward(h, alpha, shift, weight, bias)  # only h is kept for backward
+        ctx.act = act
+        return h, y
+
+    @staticmethod
+    def backward(ctx, dh, dy):
+        dx, *params = _param_grads(ctx, dy, dh, _eager_backward)  # dL/dh: residual's + norm's
+        return dx, dx, *params, None
+
+
+# ---- custom ops (what torch.compile sees) ---------------------------------------------------
+
+
+@triton_op("megatron_dyt::dyt", mutates_args=())
+def _dyt(
+    x: Tensor,
+    alpha: Tensor,
+    shift: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    act: int,
+) -> Tensor:
+    return _forward(x, None, alpha, shift, weight, bias, act, wrap_triton)[1]
+
+
+@triton_op("megatron_dyt::residual_dyt", mutates_args=())
+def _residual_dyt(
+    x: Tensor,
+    r: Tensor,
+    alpha: Tensor,
+    shift: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    act: int,
+) -> tuple[Tensor, Tensor]:
+    return _forward(x, r, alpha, shift, weight, bias, act, wrap_triton)
+
+
+@triton_op("megatron_dyt::dyt_backward", mutates_args=())
+def _dyt_backward(
+    dy: Tensor,
+    x: Tensor,
+    alpha: Tensor,
+    shift: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    dh: Tensor | None,
+    act: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _backward(dy, x, alpha, shift, weight, bias, dh, act, wrap_triton)
 
 
 def _dyt_setup_context(ctx, inputs, output) -> None:
     x, alpha, shift, weight, bias, act = inputs
-    _setup(ctx, x, alpha, shift, weight, bias, act)
+    ctx.save_for_backward(x, alpha, shift, weight, bias)
+    ctx.act = act
 
 
 def _dyt_autograd(ctx, dy: Tensor):
-    return *_backward(ctx, dy, None), None
+    return *_param_grads(ctx, dy, None, _dyt_backward), None
 
 
 def _residual_setup_context(ctx, inputs, output) -> None:
     _, _, alpha, shift, weight, bias, act = inputs
-    _setup(ctx, output[0], alpha, shift, weight, bias, act)  # only h is kept for backward
+    ctx.save_for_backward(output[0], alpha, shift, weight, bias)  # only h is kept for backward
+    ctx.act = act
 
 
 def _residual_autograd(ctx, dh: Tensor | None, dy: Tensor | None):
-    dx, *params = _backward(ctx, dy, dh)  # dL/dh in total: the residual stream's + the norm's
+    dx, *params = _param_grads(ctx, dy, dh, _dyt_backward)
     return dx, dx, *params, None
 
 
 _dyt.register_autograd(_dyt_autograd, setup_context=_dyt_setup_context)
 _residual_dyt.register_autograd(_residual_autograd, setup_context=_residual_setup_context)
+
+
+def _apply_dyt(x, alpha, shift, weight, bias, act: int) -> Tensor:
+    if torch.compiler.is_compiling():
+        return _dyt(x, alpha, shift, weight, bias, act)
+    return _DyTFunction.apply(x, alpha, shift, weight, bias, act)
+
+
+def _apply_residual_dyt(x, r, alpha, shift, weight, bias, act: int) -> tuple[Tensor, Tensor]:
+    if torch.compiler.is_compiling():
+        return _residual_dyt(x, r, alpha, shift, weight, bias, act)
+    return _ResidualDyTFunction.apply(x, r, alpha, shift, weight, bias, act)
 
 
 # ---- public functions -----------------------------------------------------------------------
@@ -675,7 +765,7 @@ def dyt(
 ) -> Tensor:
     """`weight·f(alpha·x) + bias` over the last dimension of x, f = tanh unless ablated."""
     _check(x, alpha, weight, bias)
-    return _dyt(x, alpha, None, weight, bias, SQUASH_CODES[squash])
+    return _apply_dyt(x, alpha, None, weight, bias, SQUASH_CODES[squash])
 
 
 def derf(
@@ -683,7 +773,7 @@ def derf(
 ) -> Tensor:
     """`weight·erf(alpha·x + shift) + bias` over the last dimension of x."""
     _check(x, alpha, weight, shift, bias)
-    return _dyt(x, alpha, shift, weight, bias, SQUASH_CODES["erf"])
+    return _apply_dyt(x, alpha, shift, weight, bias, SQUASH_CODES["erf"])
 
 
 def _check_residual(x: Tensor, r: Tensor) -> None:
@@ -705,7 +795,7 @@ def residual_dyt(
     """`h = x + r` and `dyt(h)` in one pass: returns (h, y)."""
     _check(x, alpha, weight, r, bias)
     _check_residual(x, r)
-    return _residual_dyt(x, r, alpha, None, weight, bias, SQUASH_CODES[squash])
+    return _apply_residual_dyt(x, r, alpha, None, weight, bias, SQUASH_CODES[squash])
 
 
 def residual_derf(
@@ -719,4 +809,4 @@ def residual_derf(
     """`h = x + r` and `derf(h)` in one pass: returns (h, y)."""
     _check(x, alpha, weight, r, shift, bias)
     _check_residual(x, r)
-    return _residual_dyt(x, r, alpha, shift, weight, bias, SQUASH_CODES["erf"])
+    return _apply_residual_dyt(x, r, alpha, shift, weight, bias, SQUASH_CODES["erf"])

@@ -278,6 +278,32 @@ def test_opcheck():
         torch.library.opcheck(op, args, test_utils=utils)
 
 
+@pytest.mark.parametrize("kind,squash,beta", [VARIANTS[1], VARIANTS[5]], ids=["dyt", "derf"])
+def test_eager_calls_bypass_the_custom_ops_and_agree_with_them(monkeypatch, kind, squash, beta):
+    # Eagerly the kernels run under plain autograd Functions (a custom op's dispatch costs more
+    # host time than a small kernel); while torch.compile traces, they are the custom ops.
+    # Same kernels either way: outputs and every gradient must be bit-identical.
+    norm = _reference(kind, squash, beta, 80)
+    x, r = _inputs((6, 80), torch.bfloat16), _inputs((6, 80), torch.bfloat16, seed=3)
+    params = [x, r, *norm.parameters()]
+
+    def run():
+        h, y = _residual_kernel(norm, x, r)
+        y2 = _kernel(norm, h)
+        loss = (h.float() * 0.5).sum() + y.float().pow(2).sum() + y2.float().sum()
+        return [h, y, y2, *torch.autograd.grad(loss, params)], {
+            type(t.grad_fn).__name__ for t in (y, y2)
+        }
+
+    eager, eager_nodes = run()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced, traced_nodes = run()
+    assert eager_nodes == {"_ResidualDyTFunctionBackward", "_DyTFunctionBackward"}
+    assert not traced_nodes & eager_nodes  # the custom ops' own autograd nodes
+    for a, b in zip(eager, traced, strict=True):
+        assert torch.equal(a, b)
+
+
 class _Block(torch.nn.Module):
     """norm → linear → fused residual + norm: what a transformer block does with them."""
 
@@ -367,8 +393,9 @@ for dt, (act, shift, bias, extra) in itertools.product(["bf16", "fp16", "fp32"],
     bwd = {k: f"*{dt}" for k in "DY X DH DX".split()}
     bwd |= {k: "*fp32" for k in "ALPHA SHIFT W PART_W PART_B PART_AS".split()}
     flags = dict(ACT=act, HAS_SHIFT=shift, HAS_BIAS=bias, HAS_DH=extra, EXACT_BF16=False)
-    blocks = dict(BLOCK_M=4, BLOCK_N=256)
-    build(ops._bwd_kernel, bwd, ["M", "N", "ROWS_PER_PROGRAM"], flags, blocks, t.bwd_warps)
+    for stages in (None, 3):  # the compiler's loop, and a software-pipelined one
+        blocks = dict(BLOCK_M=4, BLOCK_N=256, STAGES=stages)
+        build(ops._bwd_kernel, bwd, ["M", "N", "ROWS_PER_PROGRAM"], flags, blocks, t.bwd_warps)
 print("compiled")
 """
 
@@ -547,14 +574,16 @@ def test_benchmark_code_path_runs(monkeypatch):
         calls.append(fn)
         return 0.5  # ms
 
-    result = bench.run([(8, 64)], list(bench.OPS), DEVICE.type, fake_do_bench, copy_elements=1024)
+    result = bench.run(
+        [(8, 64)], list(bench.OPS), DEVICE.type, fake_do_bench, 1024, graph_bench=fake_do_bench
+    )
     assert result["copy_bandwidth_tbs"] == pytest.approx(2 * 1024 * 2 / 0.5e-3 / 1e12)
     rows = result["rows"]
     impls = {"eager", "compile", "rms_norm", "ours"}
     assert {(r["op"], r["pass"]) for r in rows} == set(bench.TENSORS_MOVED)
     for row in rows:
-        assert set(row) == {"op", "shape", "pass", "impl", "us", "floor_us"}
-        assert row["shape"] == [8, 64] and row["us"] == 500.0
+        assert set(row) == {"op", "shape", "pass", "impl", "us", "floor_us", "graph_us"}
+        assert row["shape"] == [8, 64] and row["us"] == row["graph_us"] == 500.0
         assert row["impl"] in impls | {"liger"}
         moved = bench.TENSORS_MOVED[(row["op"], row["pass"])] * 8 * 64 * 2
         assert row["floor_us"] == pytest.approx(moved / (result["copy_bandwidth_tbs"] * 1e12) * 1e6)
@@ -598,6 +627,10 @@ def test_results_table_marks_the_fastest_and_the_share_of_the_floor():
     table = bench.markdown(result).splitlines()
     assert table[0] == "| op | shape | pass | floor µs | ours | eager |"
     assert table[2] == "| dyt | 8×64 | fwd | 10.0 | **12.5 (80%)** | 40.0 (25%) |"
+    result["rows"][0]["graph_us"] = 20.0  # only ours has a CUDA-graph time
+    graph = bench.markdown(result, "graph_us").splitlines()
+    assert graph[0] == "| op | shape | pass | floor µs | ours |"
+    assert graph[2] == "| dyt | 8×64 | fwd | 10.0 | **20.0 (50%)** |"
 
 
 def test_training_step_benchmark_code_path_runs(tmp_path):
@@ -619,6 +652,19 @@ def test_training_step_benchmark_code_path_runs(tmp_path):
         rows["dyt-torch"]["first_loss"], rel=1e-5
     )
     assert all(math.isfinite(r["last_loss"]) and r["ms"] > 0 for r in rows.values())
+
+
+def test_host_overhead_benchmark_code_path_runs():
+    from megatron_dyt.kernels import bench_host
+
+    kernels = {name: getattr(ops, name) for name in (*bench_host.KERNELS, "wrap_triton")}
+    result = bench_host.run(calls=3)
+    assert [(r["path"], r["pass"]) for r in result["rows"]] == [
+        (path, pass_) for path in ("rms_norm", "custom_op", "eager") for pass_ in ("fwd", "fwd+bwd")
+    ]
+    assert all(r["us"] > 0 for r in result["rows"])
+    assert [r["ratio_to_rms_norm"] for r in result["rows"][:2]] == [1.0, 1.0]
+    assert {name: getattr(ops, name) for name in kernels} == kernels  # the real launches are back
 
 
 @pytest.mark.skipif(CUDA, reason="checks the message on a machine without CUDA")
