@@ -275,11 +275,15 @@ FWD_GRID = [
     for w in (4, 8)
 ]
 BWD_GRID = [
-    dict(bwd_tile=tile, bwd_max_block_n=bn, bwd_warps=w, bwd_programs_per_sm=p, bwd_stages=st)
-    for tile in (1024, 2048, 4096)
-    for bn in (256, 512)
+    dict(bwd_tile=tile, bwd_max_block_n=bn, bwd_warps=w, bwd_programs_per_sm=8, bwd_stages=st)
+    for tile in (2048, 4096)
+    for bn in (256, 512, 1024, 2048)
     for w in (4, 8)
-    for p in (4, 8)
+    for st in (0, 3)
+] + [  # whole rows of up to 8192 per step, one row at a time (what Liger's DyT does)
+    dict(bwd_tile=8192, bwd_max_block_n=8192, bwd_warps=w, bwd_programs_per_sm=p, bwd_stages=st)
+    for w in (8, 16)
+    for p in (1, 2)
     for st in (0, 3)
 ]
 
