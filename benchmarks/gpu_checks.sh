@@ -20,9 +20,10 @@ phase() {  # name, seconds, command...
   timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1; local rc=$?
   tail -n 40 "$OUT/$name.txt"; echo "== $name: exit $rc after $((SECONDS - t0))s"
 }
-phase tests "${TESTS_S:-90}" python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+phase tests "${TESTS_S:-80}" python3 -m pytest -q -p no:cacheprovider -o addopts="" \
   "$REPO/tests/test_kernels.py"
-phase step "${STEP_S:-90}" python3 -m megatron_dyt.kernels.bench_step --json "$OUT/step.json"
+phase host 30 python3 -m megatron_dyt.kernels.bench_host --json "$OUT/host.json"
+phase step "${STEP_S:-80}" python3 -m megatron_dyt.kernels.bench_step --json "$OUT/step.json"
 # Block sizes: tune ours on the two large DyT shapes, then the whole table with the choice.
 phase bench "${BENCH_S:-400}" python3 -m megatron_dyt.kernels.bench --tune \
   --tune-shapes 16384x4096,32768x8192 --json "$OUT/kernels.json"
