@@ -15,10 +15,10 @@ hardtanh, sigmoid, identity) with no shift s, Derf is f = erf with a learnable s
 
 Registered with `torch.library.triton_op`, so `torch.compile` sees custom ops (no graph break)
 and Inductor can schedule the kernels itself. Eager calls skip the custom-op dispatcher and run
-the same launches under plain autograd Functions: the dispatcher's host time would exceed the
-kernels' GPU time at common shapes (`python -m megatron_dyt.kernels.bench_host`). There are no
-host syncs (α and s stay on device), so CUDA graphs capture either path. With `TRITON_INTERPRET=1` set before this module is imported, the
-same kernels run on CPU tensors through Triton's interpreter (slow; for tests).
+the same launches under plain autograd Functions, which cost the host less
+(`python -m megatron_dyt.kernels.bench_host`). There are no host syncs (α and s stay on
+device), so CUDA graphs capture either path. With `TRITON_INTERPRET=1` set before this module
+is imported, the same kernels run on CPU tensors through Triton's interpreter (slow; for tests).
 """
 
 from __future__ import annotations
@@ -625,10 +625,10 @@ def _param_grads(ctx, dy: Tensor | None, dh: Tensor | None, backward) -> tuple:
 
 # ---- eager autograd -------------------------------------------------------------------------
 #
-# Outside torch.compile the kernels run under plain autograd Functions: a custom op's dispatch
-# (schema, autograd wrapper, redispatch, dynamo guards) costs ~150 µs of host time per call on
-# a fast CPU, more than the forward kernel itself at 16384 × 4096, and every eager training
-# step pays it four times per layer.
+# Outside torch.compile the kernels run under plain autograd Functions. A custom op's dispatch
+# (schema, autograd wrapper, redispatch, dynamo's disable wrapper) made an eager forward +
+# backward cost ~130 µs more host time on the CI machine (bench_host): more than the GPU needs
+# for the whole DyT forward at 16384 × 4096, paid at every norm of every layer.
 
 
 def _eager_backward(dy, x, alpha, shift, weight, bias, dh, act):
@@ -654,6 +654,7 @@ class _ResidualDyTFunction(torch.autograd.Function):
         h, y = _forward(x, r, alpha, shift, weight, bias, act, _plain)
         ctx.save_for_backward(h, alpha, shift, weight, bias)  # only h is kept for backward
         ctx.act = act
+        ctx.set_materialize_grads(False)  # an unused h: no zero dh to read
         return h, y
 
     @staticmethod
