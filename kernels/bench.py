@@ -353,6 +353,14 @@ def best_configs(cases: list[dict]) -> dict[str, dict]:
     return chosen
 
 
+def write_json(path: Path, data: dict) -> None:
+    """Results file, written whole or not at all (a run killed at its time limit keeps the old)."""
+    from megatron_dyt.training.checkpoint import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(data, indent=1) + "\n")
+
+
 def _triton_version() -> str:
     import triton
 
@@ -463,8 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     result.update(tuned)
     print(f"device: {result['device']}, copy bandwidth {result['copy_bandwidth_tbs']:.2f} TB/s")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 

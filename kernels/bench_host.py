@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -114,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in result["rows"]:
         print(f"{r['path']:<10} {r['pass']:<8} {r['us']:>9.1f} {r['ratio_to_rms_norm']:>10.2f}×")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        from megatron_dyt.kernels.bench import write_json
+
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from megatron_dyt.config import Config, config_from_dict
+from megatron_dyt.kernels import bench
 
 # A TinyLlama-1.1B-shaped model (GQA), and a small one for testing the code path on CPU.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -152,10 +152,7 @@ def write_json(path: Path, result: dict[str, Any]) -> None:
     """Put `result` under `train_step` in `path`, keeping what the file already holds."""
     data = json.loads(path.read_text()) if path.exists() else {}
     data["train_step"] = result
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    bench.write_json(path, data)
 
 
 def main(argv: list[str] | None = None) -> int:
