@@ -223,7 +223,14 @@ def test_interrupted_sweep_checkpoints_and_resumes(corpus, tmp_path):
     )
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "megatron_dyt", "sweep", "run", str(spec), "--out", str(out)]
-    proc = subprocess.Popen([*cmd, "--no-progress"], stdout=subprocess.PIPE, text=True)
+    # Ctrl-C as in a terminal. A shell that starts this suite in the background (`cmd &`) makes
+    # it ignore SIGINT, and children inherit that, so the sweep gets the default disposition back.
+    proc = subprocess.Popen(
+        [*cmd, "--no-progress"],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     metrics = out / "runs/seed7/metrics.jsonl"
     deadline = time.time() + 180
     while time.time() < deadline and (
