@@ -384,7 +384,9 @@ for dt, (act, shift, bias, extra) in itertools.product(["bf16", "fp16", "fp32"],
     fwd = {k: f"*{dt}" for k in "X R H Y".split()} | {k: "*fp32" for k in "ALPHA SHIFT W B".split()}
     flags = dict(ACT=act, HAS_SHIFT=shift, HAS_BIAS=bias, HAS_RESIDUAL=extra, EXACT_BF16=False)
     build(ops._fwd_kernel, fwd, ["M", "N"], flags, dict(BLOCK_M=4, BLOCK_N=1024), t.fwd_warps)
-    build(ops._fwd_flat_kernel, fwd, ["TOTAL", "N"], flags, dict(BLOCK=4096), t.fwd_warps)
+    for wide in (False, True):  # 32- and 64-bit element offsets
+        flat = dict(BLOCK=4096)
+        build(ops._fwd_flat_kernel, fwd, ["TOTAL", "N"], {**flags, "WIDE": wide}, flat, t.fwd_warps)
     fin = {k: "*fp32" for k in "PART_W PART_B PART_AS".split()}
     fin |= {k: f"*{dt}" for k in "DW DB DA DS".split()}
     exact = dict(EXACT_W=False, EXACT_B=False, EXACT_A=False, EXACT_S=False)
