@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import platform
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +23,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from megatron_dyt.arguments import positive_int
+from megatron_dyt.kernels.bench import write_json
 
 KERNELS = ("_fwd_kernel", "_fwd_flat_kernel", "_bwd_kernel", "_finish_kernel")
 
@@ -96,25 +101,33 @@ def run(calls: int = 2000) -> dict:
     for row in rows:
         ref = next(r for r in rows if r["path"] == "rms_norm" and r["pass"] == row["pass"])
         row["ratio_to_rms_norm"] = row["us"] / ref["us"]
-    return {"torch": torch.__version__, "rows": rows}
+    return {"device": _cpu_name(), "torch": torch.__version__, "calls": calls, "rows": rows}
+
+
+def _cpu_name() -> str:
+    """The host CPU, which is what this benchmark measures."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next(line.split(":", 1)[1].strip() for line in fh if "model name" in line)
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} CPUs"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m megatron_dyt.kernels.bench_host", description=__doc__
     )
-    parser.add_argument("--calls", type=int, default=2000, help="calls per timing (best of 3)")
+    parser.add_argument(
+        "--calls", type=positive_int, default=2000, help="calls per timing (best of 3)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    if args.calls <= 0:
-        parser.error(f"--calls must be positive, got {args.calls}")
     result = run(args.calls)
     print(f"{'path':<10} {'pass':<8} {'host µs':>9} {'× rms_norm':>11}")
     for r in result["rows"]:
         print(f"{r['path']:<10} {r['pass']:<8} {r['us']:>9.1f} {r['ratio_to_rms_norm']:>10.2f}×")
     if args.json:
-        from megatron_dyt.kernels.bench import write_json
-
         write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0

@@ -636,7 +636,7 @@ def _param_grads(ctx, dy: Tensor | None, dh: Tensor | None, backward) -> tuple:
 #
 # Outside torch.compile the kernels run under plain autograd Functions. A custom op's dispatch
 # (schema, autograd wrapper, redispatch, dynamo's disable wrapper) made an eager forward +
-# backward cost ~140 µs more host time on the CI machine (bench_host): more than the GPU needs
+# backward cost 140-180 µs more host time on the CI machine (bench_host): more than the GPU needs
 # for the whole DyT forward at 16384 × 4096, paid at every norm of every layer.
 
 
