@@ -24,6 +24,8 @@ phase tests "${TESTS_S:-80}" python3 -m pytest -q -p no:cacheprovider -o addopts
   "$REPO/tests/test_kernels.py"
 phase host 30 python3 -m megatron_dyt.kernels.bench_host --json "$OUT/host.json"
 phase step "${STEP_S:-80}" python3 -m megatron_dyt.kernels.bench_step --json "$OUT/step.json"
-# Block sizes: tune ours on the two large DyT shapes, then the whole table with the choice.
+# Block sizes: tune ours on the two large shapes for at most TUNE_S seconds (the current
+# defaults first), then the whole table with the choice. kernels.json is rewritten after every
+# row, so a phase stopped at its limit still returns what it measured ("complete": false).
 phase bench "${BENCH_S:-400}" python3 -m megatron_dyt.kernels.bench --tune \
-  --tune-shapes 16384x4096,32768x8192 --json "$OUT/kernels.json"
+  --tune-shapes 16384x4096,32768x8192 --tune-budget "${TUNE_S:-150}" --json "$OUT/kernels.json"

@@ -1,7 +1,7 @@
 """Time DyT / Derf implementations on one GPU against the memory-bandwidth floor.
 
     python -m megatron_dyt.kernels.bench [--shapes 4096x4096,16384x4096] [--json PATH]
-                                         [--tune [--tune-shapes ...]]
+                                         [--tune [--tune-shapes ...] [--tune-budget SECONDS]]
 
 For every op (dyt, derf, residual_dyt), shape (tokens × hidden, bf16) and pass (fwd, fwd+bwd)
 it times the eager torch reference module, the same module under `torch.compile`, `F.rms_norm`
@@ -20,12 +20,15 @@ import json
 import math
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from megatron_dyt.arguments import positive_float
 
 DEFAULT_SHAPES = "4096x4096,16384x4096,32768x8192"
 OPS = ("dyt", "derf", "residual_dyt")
@@ -102,14 +105,8 @@ def implementations(
     Parameters are in the activation dtype, as under DeepSpeed bf16 (and F.rms_norm only takes
     its fused path when input and weight dtypes match).
     """
-    from megatron_dyt.norms import Derf, DyT
-
-    def make(backend: str) -> torch.nn.Module:
-        if op == "derf":
-            return Derf(hidden, 0.5, beta=False, backend=backend)
-        return DyT(hidden, 0.5, beta=False, backend=backend)
-
-    ours, eager = make("triton").to(device, dtype), make("torch").to(device, dtype)
+    triton_norm = _norm(op, hidden, "triton", device, dtype)
+    eager = _norm(op, hidden, "torch", device, dtype)
     torch._dynamo.reset()  # each compiled function starts from a clean cache (no recompile limit)
     compiled = torch.compile(eager)
     rms_weight = torch.ones(hidden, device=device, dtype=dtype, requires_grad=True)
@@ -123,12 +120,27 @@ def implementations(
         norms["liger"] = liger.to(device, dtype)
     if op != "residual_dyt":
         impls = {name: _single(f) for name, f in norms.items()}
-        impls["ours"] = _single(ours)
+        impls["ours"] = _single(triton_norm)
         return impls
     impls = {name: _add_then(f) for name, f in norms.items()}
     impls["compile"] = torch.compile(_add_then(eager))  # the add is fused by Inductor too
-    impls["ours"] = ours.forward_residual
+    impls["ours"] = triton_norm.forward_residual
     return impls
+
+
+def _norm(op: str, hidden: int, backend: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    from megatron_dyt.norms import Derf, DyT
+
+    cls = Derf if op == "derf" else DyT
+    return cls(hidden, 0.5, beta=False, backend=backend).to(device, dtype)
+
+
+def ours(
+    op: str, hidden: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16
+) -> Callable:
+    """Our kernels alone, called as `implementations` calls them (what `--tune` times)."""
+    norm = _norm(op, hidden, "triton", device, dtype)
+    return norm.forward_residual if op == "residual_dyt" else _single(norm)
 
 
 def _single(norm: Callable) -> Callable:
@@ -224,12 +236,24 @@ def run(
     do_bench: Callable = _median_do_bench,
     copy_elements: int = 256 * 1024 * 1024,
     graph_bench: Callable | None = cuda_graph_median,
+    on_row: Callable[[dict], None] | None = None,
 ) -> dict:
     """Every (op, shape, pass, impl) timing, eager (`us`) and from a CUDA graph (`graph_us`);
     `device`, `do_bench`, `copy_elements` and `graph_bench` are parameters only so a CPU test
-    can run this code path."""
+    can run this code path. `on_row` gets the results so far after every row (the script
+    saves them, so a run stopped at its time limit keeps what it measured)."""
     bandwidth = copy_bandwidth(do_bench, device, copy_elements)
     rows: list[Row] = []
+
+    def result() -> dict:
+        return {
+            "device": torch.cuda.get_device_name() if device == "cuda" else device,
+            "copy_bandwidth_tbs": bandwidth / 1e12,
+            "torch": torch.__version__,
+            "triton": _triton_version(),
+            "rows": [row.to_json() for row in rows],
+        }
+
     for op in ops:
         for tokens, hidden in shapes:
             x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
@@ -250,16 +274,12 @@ def run(
                             print(f"{op} {impl} {pass_}: no CUDA-graph timing ({exc})")
                     rows.append(Row(op, [tokens, hidden], pass_, impl, us, floor_us, graph_us))
                     print(_format_row(rows[-1]), flush=True)
+                    if on_row is not None:
+                        on_row(result())
             del x, r, impls
             if device == "cuda":
                 torch.cuda.empty_cache()
-    return {
-        "device": torch.cuda.get_device_name() if device == "cuda" else device,
-        "copy_bandwidth_tbs": bandwidth / 1e12,
-        "torch": torch.__version__,
-        "triton": _triton_version(),
-        "rows": [row.to_json() for row in rows],
-    }
+    return result()
 
 
 # --tune: launch configurations of ours to try (forward knobs for fwd, backward knobs for fwd+bwd).
@@ -293,43 +313,74 @@ def tune(
     ops: list[str],
     device: str = "cuda",
     do_bench: Callable | None = None,
+    budget_s: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> list[dict]:
-    """Time ours under every configuration of the grids; returns them best first per case.
+    """Time ours under the configurations of the grids; returns the cases, each with its
+    timings best first.
 
     Timed from CUDA graphs: the launch configuration changes the GPU's time, not the host's,
-    and at the smaller shapes eager timings would only measure the host."""
+    and at the smaller shapes eager timings would only measure the host. Each configuration is
+    timed on every case before the next one starts, so when `budget_s` (seconds, shared by the
+    passes in proportion to their grids) runs out, every case has timings for the same
+    configurations, the current defaults first among them."""
     from megatron_dyt.kernels.ops import tuning
 
     do_bench = do_bench or functools.partial(cuda_graph_median, reps=30)
+    inputs = {}
+    for tokens, hidden in shapes:
+        x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
+        inputs[(tokens, hidden)] = (
+            x.requires_grad_(True),
+            torch.randn_like(x).requires_grad_(True),
+        )
+    fns = {(op, shape): ours(op, shape[1], device) for op in ops for shape in inputs}
+    grids = {"fwd": _defaults_first(FWD_GRID), "fwd+bwd": _defaults_first(BWD_GRID)}
+    total = sum(map(len, grids.values()))
     results = []
-    for op in ops:
-        for tokens, hidden in shapes:
-            x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
-            r = torch.randn_like(x)
-            x.requires_grad_(True)
-            r.requires_grad_(True)
-            ours = implementations(op, hidden, device)["ours"]
-            for pass_, grid in (("fwd", FWD_GRID), ("fwd+bwd", BWD_GRID)):
-                timings = []
-                for config in grid:
+    for pass_, grid in grids.items():
+        timings: dict[tuple, list] = {case: [] for case in fns}
+        deadline = None if budget_s is None else clock() + budget_s * len(grid) / total
+        for i, config in enumerate(grid):
+            if i > 0 and deadline is not None and clock() > deadline:
+                print(f"tune {pass_}: time budget spent after {i} of {len(grid)} configurations")
+                break
+            with tuning(**config):
+                for (op, shape), fn in fns.items():
                     try:
-                        with tuning(**config):
-                            timings.append((time_impl(ours, x, r, pass_, do_bench), config))
-                    except Exception as exc:  # a configuration that does not compile/run
-                        print(f"{op} {tokens}x{hidden} {pass_} {config}: failed ({exc})")
-                timings.sort(key=lambda t: t[0])
-                for us, config in timings[:3]:
-                    print(f"{op:<13} {tokens}x{hidden:<7} {pass_:<8} {us:>9.1f} µs  {config}")
-                results.append(
-                    {
-                        "op": op,
-                        "shape": [tokens, hidden],
-                        "pass": pass_,
-                        "timings": [{"us": us, "config": c} for us, c in timings],
-                    }
-                )
-            del x, r
+                        us = time_impl(fn, *inputs[shape], pass_, do_bench)
+                    except Exception as exc:  # a configuration that does not compile / run
+                        print(f"{op} {_shape(shape)} {pass_} {config}: failed ({exc})")
+                        continue
+                    timings[(op, shape)].append((us, config))
+        for (op, shape), case in timings.items():
+            case.sort(key=lambda t: t[0])
+            for us, config in case[:3]:
+                print(f"{op:<13} {_shape(shape):<12} {pass_:<8} {us:>9.1f} µs  {config}")
+            results.append(
+                {
+                    "op": op,
+                    "shape": list(shape),
+                    "pass": pass_,
+                    "timings": [{"us": us, "config": c} for us, c in case],
+                }
+            )
     return results
+
+
+def _defaults_first(grid: list[dict]) -> list[dict]:
+    """The grid with the configuration closest to today's defaults first: a tuning cut short by
+    its time budget still compares everything it timed against them."""
+    from megatron_dyt.kernels.ops import Tuning
+
+    defaults = asdict(Tuning())
+    matches = [sum(defaults.get(k) == v for k, v in c.items()) - len(c) for c in grid]
+    first = max(range(len(grid)), key=lambda i: matches[i])
+    return [grid[first], *grid[:first], *grid[first + 1 :]]
+
+
+def _shape(shape: tuple[int, int] | list[int]) -> str:
+    return "x".join(map(str, shape))
 
 
 def best_configs(cases: list[dict]) -> dict[str, dict]:
@@ -430,11 +481,21 @@ def main(argv: list[str] | None = None) -> int:
         "--tune-shapes", help="shapes to tune on (default: --shapes); TOKENSxHIDDEN,..."
     )
     parser.add_argument(
+        "--tune-budget",
+        type=positive_float,
+        metavar="SECONDS",
+        help="stop trying new configurations after this long (default: the whole grid)",
+    )
+    parser.add_argument(
         "--table", type=Path, metavar="JSON", help="print a results file as Markdown and exit"
     )
     args = parser.parse_args(argv)
     if args.table:
-        result = json.loads(args.table.read_text())
+        try:
+            result = json.loads(args.table.read_text())
+            result["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            parser.error(f"--table {args.table}: not a results file of this script ({exc})")
         print(markdown(result), end="")
         if any(r.get("graph_us") is not None for r in result["rows"]):
             print("\nGPU time (CUDA-graph replay):\n")
@@ -445,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(ops) - set(OPS))
     if unknown:
         parser.error(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(OPS)}")
+    if not args.tune and (args.tune_shapes or args.tune_budget):
+        parser.error("--tune-shapes and --tune-budget go with --tune")
     if not torch.cuda.is_available():
         print("bench: needs a CUDA GPU; none is available here", file=sys.stderr)
         return 2
@@ -454,24 +517,29 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: needs Triton, which is not installed", file=sys.stderr)
         return 2
     tuned: dict = {}
+    chosen: dict = {}
     if args.tune:
-        from megatron_dyt.kernels.ops import tuning
-
         tune_shapes = parse_shapes(args.tune_shapes) if args.tune_shapes else shapes
-        cases = tune(tune_shapes, ops)
+        cases = tune(tune_shapes, ops, budget_s=args.tune_budget)
         chosen = best_configs(cases)
         print(f"chosen launch configuration: {chosen}", flush=True)
         tuned = {"tuning": {"chosen": chosen, "cases": cases}}
-        with tuning(**chosen.get("fwd", {}), **chosen.get("fwd+bwd", {})):
-            print(HEADER, flush=True)
-            result = run(shapes, ops)
-    else:
+        if args.json:
+            write_json(args.json, {**tuned, "rows": [], "complete": False})
+
+    def save(partial: dict) -> None:
+        if args.json:
+            write_json(args.json, {**partial, **tuned, "complete": False})
+
+    from megatron_dyt.kernels.ops import tuning
+
+    with tuning(**chosen.get("fwd", {}), **chosen.get("fwd+bwd", {})):
         print(HEADER, flush=True)
-        result = run(shapes, ops)
+        result = run(shapes, ops, on_row=save)
     result.update(tuned)
     print(f"device: {result['device']}, copy bandwidth {result['copy_bandwidth_tbs']:.2f} TB/s")
     if args.json:
-        write_json(args.json, result)
+        write_json(args.json, {**result, "complete": True})
         print(f"wrote {args.json}")
     return 0
 

@@ -4,6 +4,7 @@ sets TRITON_INTERPRET=1), so shapes are small; the compile / CUDA-graph tests ne
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -576,9 +577,18 @@ def test_benchmark_code_path_runs(monkeypatch):
         calls.append(fn)
         return 0.5  # ms
 
+    saved = []  # what the script writes after every row, so a killed run keeps its rows
     result = bench.run(
-        [(8, 64)], list(bench.OPS), DEVICE.type, fake_do_bench, 1024, graph_bench=fake_do_bench
+        [(8, 64)],
+        list(bench.OPS),
+        DEVICE.type,
+        fake_do_bench,
+        1024,
+        graph_bench=fake_do_bench,
+        on_row=saved.append,
     )
+    assert [len(s["rows"]) for s in saved] == list(range(1, len(result["rows"]) + 1))
+    assert saved[-1] == result
     assert result["copy_bandwidth_tbs"] == pytest.approx(2 * 1024 * 2 / 0.5e-3 / 1e12)
     rows = result["rows"]
     impls = {"eager", "compile", "rms_norm", "ours"}
@@ -606,6 +616,40 @@ def test_benchmark_tune_code_path_runs(monkeypatch):
         ("residual_dyt", "fwd+bwd"),
     ]
     assert result[0]["timings"][0]["config"] == dict(fwd_tile=128)  # the faster one first
+
+
+def test_tuning_within_a_time_budget_times_the_same_configurations_everywhere(monkeypatch):
+    from megatron_dyt.kernels import bench
+
+    fwd = [dict(fwd_tile=64), dict(fwd_tile=128), dict(fwd_tile=256), dict(fwd_tile=512)]
+    monkeypatch.setattr(bench, "FWD_GRID", fwd)
+    monkeypatch.setattr(bench, "BWD_GRID", [dict(bwd_tile=64), dict(bwd_tile=128)])
+    monkeypatch.setattr(bench, "time_impl", lambda fn, x, r, pass_, do_bench: 1.0)
+    now = iter(range(1000))  # the clock: one second per reading
+    cases = bench.tune(
+        [(8, 64), (4, 80)], ["dyt", "derf"], DEVICE.type, budget_s=3.0, clock=lambda: next(now)
+    )
+    assert [(c["op"], c["shape"], c["pass"]) for c in cases] == [
+        (op, shape, pass_)
+        for pass_ in bench.PASSES
+        for op in ("dyt", "derf")
+        for shape in ([8, 64], [4, 80])
+    ]
+    # fwd has 4 of the 6 configurations, so 2 s of the budget. The clock is read when the pass
+    # starts (0 s) and before every configuration after the first (1 s, 2 s, 3 s: past it).
+    for case in cases:
+        timed = [t["config"] for t in case["timings"]]
+        assert timed == (fwd[:3] if case["pass"] == "fwd" else bench.BWD_GRID)
+
+
+def test_tuning_starts_from_the_current_defaults():
+    from megatron_dyt.kernels import bench
+
+    defaults = dataclasses.asdict(ops.Tuning())
+    for grid in (bench.FWD_GRID, bench.BWD_GRID):
+        first = bench._defaults_first(grid)[0]
+        assert {k: defaults[k] for k in first} == first
+        assert sorted(map(str, bench._defaults_first(grid))) == sorted(map(str, grid))
 
 
 def test_tuning_picks_the_best_geometric_mean_over_cases():
