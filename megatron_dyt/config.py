@@ -22,7 +22,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No NaN or infinity in any float: a NaN eps or α₀ trains a model of NaNs without an error.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 NormKind = Literal["rmsnorm", "layernorm", "dyt", "derf"]
@@ -58,9 +59,10 @@ class NormConfig(_Section):
             value = getattr(self, key)
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{key}={value!r}: α₀ must be a finite number > 0")
-        if self.kind == "derf" and self.squash != "tanh":
+        if self.kind != "dyt" and self.squash != "tanh":
+            used = "Derf always squashes with erf" if self.kind == "derf" else "it has none"
             raise ValueError(
-                f"squash={self.squash!r} applies to kind 'dyt' only; Derf always squashes with erf"
+                f"squash={self.squash!r} applies to kind 'dyt' only, not {self.kind!r}: {used}"
             )
         if self.eps <= 0:
             raise ValueError(f"eps={self.eps!r}: must be > 0")
@@ -246,6 +248,11 @@ class Config(_Section):
             raise ValueError(
                 "parallel.sequence_parallel=true needs parallel.tensor > 1 (it splits the"
                 " sequence over the tensor-parallel ranks)"
+            )
+        if p.sequence_parallel and m.seq_length % p.tensor:
+            raise ValueError(
+                f"model.seq_length={m.seq_length} is not divisible by parallel.tensor={p.tensor};"
+                " sequence parallelism gives every tensor-parallel rank an equal part of it"
             )
         return self
 

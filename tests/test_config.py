@@ -139,6 +139,17 @@ BAD = [
     (["model.norm.kind=batchnorm"], "model.norm.kind='batchnorm'"),
     (["parallel.zero_stage=4"], "parallel.zero_stage=4"),
     (["parallel.sequence_parallel=true"], "sequence_parallel=true needs parallel.tensor > 1"),
+    (
+        ["parallel.sequence_parallel=true", "parallel.tensor=8", "model.seq_length=4100"],
+        "model.seq_length=4100 is not divisible by parallel.tensor=8",
+    ),
+    (["model.norm.eps=.nan"], "model.norm.eps=nan: Input should be a finite number"),
+    (["model.norm.derf_shift=.inf"], "model.norm.derf_shift=inf: Input should be a finite"),
+    (["train.lr=inf"], "train.lr='inf': Input should be a finite number"),
+    (
+        ["model.norm.kind=rmsnorm", "model.norm.squash=sigmoid"],
+        "squash='sigmoid' applies to kind 'dyt' only, not 'rmsnorm'",
+    ),
     (["model.hidden_size=100"], "hidden_size=100 is not divisible by num_heads=32"),
     (["model.norm=3"], "'model.norm' is a section"),
     (["train.lr"], "is not KEY=VALUE"),

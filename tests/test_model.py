@@ -200,3 +200,25 @@ def test_flash_backend_without_flash_attn_is_a_clear_error():
         ValueError, match="attention_backend='flash' but flash-attn is not installed"
     ):
         build(tiny("dyt", attention_backend="flash"))
+
+
+def test_attention_keeps_no_view_of_the_fused_qkv_output_for_the_backward():
+    # What the backward holds on to decides activation memory: a saved view of the fused qkv
+    # output (e.g. v) would keep all of it, q and k included, alive until the backward.
+    model = build(tiny("dyt"))
+    attention = model.layers[0].attention
+    qkv_storages = []
+    attention.qkv.register_forward_hook(
+        lambda mod, args, out: qkv_storages.append(out[0].untyped_storage().data_ptr())
+    )
+    saved = []
+
+    def pack(t):
+        saved.append(t.untyped_storage().data_ptr())
+        return t
+
+    x = torch.randn(16, 2, 64, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        attention(x).sum().backward()
+    assert len(qkv_storages) == 1 and saved
+    assert qkv_storages[0] not in saved

@@ -86,7 +86,9 @@ class Attention(nn.Module):
         s, b, _ = qkv.shape
         qkv = qkv.view(s, b, self.kv_heads, self.q_per_kv + 2, self.head_dim)
         q = qkv[:, :, :, : self.q_per_kv].reshape(s, b, self.heads, self.head_dim)
-        k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
+        # v is copied out: attention saves it for the backward, and a view would keep the whole
+        # fused qkv output alive with it (q and k are already new tensors after RoPE).
+        k, v = qkv[:, :, :, -2], qkv[:, :, :, -1].contiguous()
         cos, sin = self._rope(s, x.device)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.recompute_core and torch.is_grad_enabled():
