@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"megatron-dyt: error: {exc}", file=sys.stderr)
         return 1
-    except (ValueError, KeyError, FileNotFoundError) as exc:
+    except (ValueError, KeyError, OSError) as exc:  # bad input or files: one line, no traceback
         print(f"megatron-dyt: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

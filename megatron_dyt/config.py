@@ -129,7 +129,7 @@ class ParallelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, lt=2**32)  # numpy's and megatron's seeds are 32-bit
     micro_batch_size: int = Field(1, ge=1)
     global_batch_tokens: int = Field(4 * 1024 * 1024, ge=1)
     train_steps: int = Field(50000, ge=1)
@@ -169,6 +169,12 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
+        given = [k for k in ("paths", "tokenizer", "weights") if getattr(self, k)]
+        if self.demo and given:
+            raise ValueError(
+                f"demo=true trains on the embedded demo corpus, but {' and '.join(given)}"
+                " given too; set data.demo=false to train on them"
+            )
         if self.weights is not None:
             if len(self.weights) != len(self.paths):
                 raise ValueError(
@@ -182,11 +188,13 @@ class DataConfig(_Section):
             shares = [float(p) for p in parts]
         except ValueError:
             shares = []
-        if len(shares) != 3 or any(x < 0 for x in shares) or sum(shares) <= 0:
+        if len(shares) != 3 or any(not (x >= 0 and math.isfinite(x)) for x in shares):
             raise ValueError(
                 f"split={self.split!r}: expected three non-negative numbers 'train,valid,test'"
                 " such as '98,2,0'"
             )
+        if shares[0] <= 0:
+            raise ValueError(f"split={self.split!r}: the train share (the first) must be > 0")
         return self
 
 
@@ -390,8 +398,19 @@ def config_from_dict(tree: dict[str, Any], source: str = "(dict)") -> Config:
             VocabPaddedWarning,
             stacklevel=2,
         )
+    if cfg.warmup_steps > cfg.train.train_steps:  # a smoke test may mean it: not an error
+        warnings.warn(
+            f"train.warmup_steps={cfg.warmup_steps} is more than train.train_steps="
+            f"{cfg.train.train_steps}: the run ends in warm-up and never reaches train.lr",
+            ScheduleWarning,
+            stacklevel=2,
+        )
     return cfg
 
 
 class VocabPaddedWarning(UserWarning):
     """The vocabulary was padded for tensor parallelism."""
+
+
+class ScheduleWarning(UserWarning):
+    """The lr schedule will not run as the config's numbers suggest."""

@@ -10,7 +10,13 @@ import pytest
 import yaml
 
 from megatron_dyt.cli import main
-from megatron_dyt.config import Config, ConfigError, VocabPaddedWarning, load_config
+from megatron_dyt.config import (
+    Config,
+    ConfigError,
+    ScheduleWarning,
+    VocabPaddedWarning,
+    load_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -98,6 +104,14 @@ def test_warmup_default_follows_the_paper():
     assert load_config(None, ["train.warmup_steps=7"]).warmup_steps == 7
 
 
+def test_warmup_longer_than_the_run_is_a_notice_not_an_error():
+    with pytest.warns(
+        ScheduleWarning, match="train.warmup_steps=30 is more than train.train_steps"
+    ):
+        cfg = load_config(ROOT / "configs/tiny-dyt.yaml", ["train.train_steps=2"])
+    assert cfg.warmup_steps == 30
+
+
 def test_vocab_is_padded_with_a_notice():
     with pytest.warns(VocabPaddedWarning, match="model.vocab_size=32001 padded to 32128"):
         cfg = load_config(None, ["model.vocab_size=32001"])
@@ -150,6 +164,18 @@ BAD = [
         ["model.norm.kind=rmsnorm", "model.norm.squash=sigmoid"],
         "squash='sigmoid' applies to kind 'dyt' only, not 'rmsnorm'",
     ),
+    (
+        ["data.demo=true", "data.paths=[a,b]", "data.tokenizer=t.model"],
+        "demo=true trains on the embedded demo corpus, but paths and tokenizer given too;"
+        " set data.demo=false",
+    ),
+    (["data.split=0,100,0"], "split='0,100,0': the train share (the first) must be > 0"),
+    (
+        ["data.paths=[a,b]", "data.weights=[.inf,1]"],
+        "data.weights.0=inf: Input should be a finite number",
+    ),
+    (["train.seed=-1"], "train.seed=-1: Input should be greater than or equal to 0"),
+    (["train.seed=4294967296"], "train.seed=4294967296: Input should be less than 4294967296"),
     (["model.hidden_size=100"], "hidden_size=100 is not divisible by num_heads=32"),
     (["model.norm=3"], "'model.norm' is a section"),
     (["train.lr"], "is not KEY=VALUE"),

@@ -147,10 +147,11 @@ def test_preprocess_round_trip(tokenizer, tmp_path):
     txt = tmp_path / "whole.txt"
     txt.write_text("A text file is one document.\n\nEven with blank lines.\n")
     summary = preprocess([jsonl, txt], tokenizer, tmp_path / "out" / "ds", progress=False)
-    expected = [*DOCS, txt.read_text()]
+    expected = [d for d in DOCS if d] + [txt.read_text()]  # an empty document is left out
     sequences = _read_back(tmp_path / "out" / "ds")
     assert len(sequences) == summary.documents == len(expected)
-    assert summary.tokens == sum(map(len, sequences)) and summary.skipped == 0
+    assert summary.tokens == sum(map(len, sequences))
+    assert summary.skipped == DOCS.count("") == 1
     assert summary.files == 2 and summary.tokens_per_s > 0
     for seq, text in zip(sequences, expected, strict=True):
         assert seq[-1] == tokenizer.eod
@@ -215,6 +216,47 @@ def test_missing_input_is_an_error_even_when_skipping(tokenizer, tmp_path):
     with pytest.raises(DataError, match="no documents"):
         preprocess([empty], tokenizer, tmp_path / "ds", progress=False)
     assert not list(tmp_path.glob("ds*"))
+
+
+def test_output_that_is_a_folder_is_refused_before_tokenizing(tokenizer, tmp_path):
+    (tmp_path / "ds.bin").mkdir()
+    good = _write_jsonl(tmp_path / "good.jsonl", ["first"])
+    with pytest.raises(DataError, match=r"output '.*ds\.bin' is a folder; choose another --out"):
+        preprocess([good], tokenizer, tmp_path / "ds", progress=False)
+
+
+def test_tokenizer_without_eos_cannot_make_training_data(text_dir, tmp_path):
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        input=str(text_dir / "doc0.txt"),
+        model_prefix=str(tmp_path / "noeos"),
+        vocab_size=300,
+        eos_id=-1,
+        minloglevel=2,
+    )
+    no_eos = Tokenizer(tmp_path / "noeos.model")  # loads: evaluation needs no EOD
+    good = _write_jsonl(tmp_path / "good.jsonl", ["first"])
+    with pytest.raises(ValueError, match=r"noeos\.model' has no end-of-sequence token"):
+        preprocess([good], no_eos, tmp_path / "ds", progress=False)
+    assert not list(tmp_path.glob("ds*"))
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "not-an-index"])
+def test_damaged_index_file_is_one_clear_error(tokenizer, tmp_path, damage):
+    jsonl = _write_jsonl(tmp_path / "d.jsonl", [f"document {i} " * 40 for i in range(20)])
+    preprocess([jsonl], tokenizer, tmp_path / "ds", progress=False)
+    idx = tmp_path / "ds.idx"
+    data = idx.read_bytes()
+    idx.write_bytes(
+        {"empty": b"", "truncated": data[:60], "not-an-index": b"x" * len(data)}[damage]
+    )
+    cfg = _cfg(tmp_path, tokenizer=str(tokenizer.path), paths=[str(tmp_path / "ds")])
+    problem = "truncated: 60 bytes" if damage == "truncated" else "no indexed-dataset header"
+    with pytest.raises(
+        ValueError, match=rf"ds\.idx' is not a readable indexed dataset \({problem}"
+    ):
+        build_datasets(cfg, tokenizer, 10, 1)
 
 
 # ---- demo corpus ------------------------------------------------------------------------------

@@ -218,6 +218,16 @@ def test_corrupt_checkpoint_is_a_clear_error(corpus, tmp_path):
     assert "Traceback" not in bad.stderr
 
 
+def test_run_dir_that_is_a_file_is_refused(tmp_path):
+    from megatron_dyt.training.trainer import TrainingError, prepare_run_dir
+
+    (tmp_path / "run").write_text("not a folder")
+    with pytest.raises(
+        TrainingError, match="run folder '.*run' is a file; give --run-dir a folder"
+    ):
+        prepare_run_dir(config_from_dict({}), tmp_path / "run", allow_config_change=False)
+
+
 def test_changed_config_is_refused(corpus, tmp_path):
     cfg = train_dict(corpus)
     cfg["train"]["train_steps"] = 1
@@ -285,3 +295,20 @@ def test_nonfinite_loss_rewinds_and_skips_the_batch(corpus, reference, tmp_path)
     assert out["losses"][5] != reference["losses"][5]  # step 5 trained on batch 5, not batch 4
     done = json.loads((tmp_path / f"run/checkpoints/step_{STEPS:07d}/complete.json").read_text())
     assert done["skipped_batches"] == [4] and done["data_cursor"] == STEPS + 1
+
+
+def test_blend_outlasts_skipped_batches_and_the_logged_lr_is_the_schedule(corpus, tmp_path):
+    """A skipped batch moves the data cursor past `train_steps` batches: a blended dataset, built
+    to its exact sample count, must hold the extra ones. With `dyt_lr_multiplier` the DyT
+    scalars' group sorts first, and the logged lr must still be the schedule's."""
+    from megatron_dyt.training.schedule import lr_factor
+
+    cfg = train_dict(corpus, save_interval=2, skip_nonfinite_steps=1, dyt_lr_multiplier=0.5)
+    cfg["data"].update(paths=[corpus["prefix"]] * 2, weights=[1.0, 3.0])
+    out = distributed.run(_train_with_nan, 1, cfg, str(tmp_path / "run"), 4, tmp_path=tmp_path)[0]
+    assert out.get("error") is None and out["step"] == STEPS
+    records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in records if "lr" in r}
+    assert sorted(lrs) == list(range(1, STEPS + 1))
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(2e-2 * lr_factor(step - 1, 2, STEPS, 0.1), rel=1e-12), step

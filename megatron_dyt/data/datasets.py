@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -106,6 +107,27 @@ def _demo_data(cfg: Config):
         ) from None
 
 
+def _check_index_file(prefix: str) -> None:
+    """A damaged `.idx` as one clear error naming the file, before megatron maps it (its
+    reader fails on an assertion or a short buffer, and then again in `__del__`)."""
+    path = Path(prefix + ".idx")
+    with open(path, "rb") as fh:
+        head = fh.read(34)  # magic (9), version (8), dtype code (1), sequences (8), documents (8)
+    problem = None
+    if len(head) < 34 or head[:9] != b"MMIDIDX\x00\x00":
+        problem = "no indexed-dataset header"
+    else:
+        sequences, documents = struct.unpack("<QQ", head[18:34])
+        needed = 34 + 12 * sequences + 8 * documents  # int32 lengths, int64 pointers and docs
+        if path.stat().st_size < needed:
+            problem = f"truncated: {path.stat().st_size} bytes, its header needs {needed}"
+    if problem:
+        raise ValueError(
+            f"data.paths: '{path}' is not a readable indexed dataset ({problem}); write it"
+            " again with `megatron-dyt data preprocess`"
+        )
+
+
 def build_datasets(
     cfg: Config, tokenizer: Tokenizer | None, train_samples: int, valid_samples: int
 ) -> tuple[Dataset, Dataset | None]:
@@ -125,6 +147,8 @@ def build_datasets(
 
     resolved, prefixes, weights = resolve_data(cfg)
     tokenizer = tokenizer or resolved
+    for prefix in prefixes:
+        _check_index_file(prefix)
     lengths = [_sequence_lengths(IndexedDataset(p)) for p in prefixes]
     if weights is not None:  # megatron needs weights > 0: leave out zero-weight prefixes
         kept = [i for i, w in enumerate(weights) if w > 0]

@@ -194,6 +194,9 @@ def preprocess(
     out_prefix = Path(out_prefix)
     if out_prefix.suffix in (".bin", ".idx"):
         raise DataError(f"output prefix '{out_prefix}' ends in {out_prefix.suffix}; drop it")
+    for suffix in (".bin", ".idx"):
+        if Path(f"{out_prefix}{suffix}").is_dir():
+            raise DataError(f"output '{out_prefix}{suffix}' is a folder; choose another --out")
     reader = DocumentReader(inputs, text_key=text_key, skip_bad=skip_bad)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp_bin, tmp_idx = Path(f"{out_prefix}.bin.tmp"), Path(f"{out_prefix}.idx.tmp")
@@ -259,7 +262,8 @@ class _Encoder:
         self.eod = [tokenizer.eod] if append_eod else []
 
     def __call__(self, text: str) -> np.ndarray:
-        return np.asarray(self.tokenizer.encode(text) + self.eod, dtype=np.int32)
+        ids = self.tokenizer.encode(text)  # no tokens: an empty document, skipped (no lone EOD)
+        return np.asarray(ids + self.eod if ids else ids, dtype=np.int32)
 
 
 _worker_encoder: _Encoder | None = None

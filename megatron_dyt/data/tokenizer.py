@@ -201,7 +201,14 @@ class Tokenizer:
     @property
     def eod(self) -> int:
         """End of document: appended after every document; the same id as `eos`."""
-        return self._sp.eos_id()
+        eos = self._sp.eos_id()
+        if eos < 0:
+            raise ValueError(
+                f"tokenizer model '{self.path}' has no end-of-sequence token (eos_id=-1), which"
+                " training data needs between documents; train it with an eos piece (the"
+                " default of `megatron-dyt data tokenizer`)"
+            )
+        return eos
 
     @property
     def pad(self) -> int:

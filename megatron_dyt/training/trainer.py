@@ -77,6 +77,8 @@ _LAYOUT_KEYS = (
 
 def prepare_run_dir(cfg: Config, run_dir: Path, allow_config_change: bool) -> None:
     """Refuse to resume a folder trained with a different config, unless asked to."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainingError(f"run folder '{run_dir}' is a file; give --run-dir a folder")
     saved = run_dir / "config.yaml"
     if saved.is_file():
         old = load_config(saved)
@@ -240,6 +242,15 @@ def _grad_norm(engine) -> float | None:
     return float(norm.item() if torch.is_tensor(norm) else norm)
 
 
+def _scheduled_lr(engine) -> float:
+    """The lr of the parameter groups without a multiplier: with `train.dyt_lr_multiplier` the
+    DyT scalars' group runs at another lr, and it may sort first."""
+    for group in engine.optimizer.param_groups:
+        if group.get("lr_mult", 1.0) == 1.0:
+            return group["lr"]
+    return engine.get_lr()[0]
+
+
 def train(
     cfg: Config,
     run_dir: Path,
@@ -281,14 +292,18 @@ def train(
     train_ds, valid_ds = build_datasets(
         cfg,
         tokenizer,
-        total_steps * layout.global_batch,
+        # every skipped non-finite step moves the data cursor one batch further
+        (total_steps + cfg.train.skip_nonfinite_steps) * layout.global_batch,
         max(1, eval_batches) * layout.global_batch,
     )
 
     if is_rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        # atomic: a run killed while writing must not leave a config its resume cannot read
+        checkpoint.atomic_write(run_dir / "config.yaml", cfg.to_yaml())
+        checkpoint.atomic_write(
+            run_dir / "deepspeed_config.json", json.dumps(ds_config, indent=2) + "\n"
+        )
     dist.barrier()
 
     torch.manual_seed(cfg.train.seed)
@@ -366,7 +381,7 @@ def train(
             while cursor in skipped:
                 cursor += 1
             log_now = (step + 1) % cfg.train.log_interval == 0 or step + 1 == total_steps
-            lr = engine.get_lr()[0]  # the lr this step uses (the scheduler moves on after it)
+            lr = _scheduled_lr(engine)  # the lr this step uses (the scheduler moves on after it)
             t0 = time.perf_counter()
             with stats.recording() if log_now else nullcontext():
                 loss = _train_step(engine, batches.for_step(cursor), pipeline)
