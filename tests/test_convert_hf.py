@@ -16,6 +16,7 @@ from common import tiny_dict, train_dict, train_worker
 
 from megatron_dyt.config import config_from_dict
 from megatron_dyt.convert.from_hf import import_from_hf
+from megatron_dyt.convert.reshard import read_meta, reshard_checkpoint
 from megatron_dyt.convert.to_hf import export_to_hf
 from megatron_dyt.convert.writer import write_checkpoint
 from megatron_dyt.training import checkpoint as ckpt
@@ -116,6 +117,10 @@ def test_trained_dyt_round_trip_is_bit_identical(trained, exported, tmp_path):
         assert got.pop("parallel")["tensor"] == tp
         want.pop("parallel")
         assert got == want  # the whole config comes back (norm, α₀, data, training)
+    # An import holds weights only: resharding it gives the same weights and no optimizer state.
+    resharded = reshard_checkpoint(tmp_path / "tp2pp2", tmp_path / "rs", tensor=1, progress=False)
+    _assert_identical(source, _full(resharded))
+    assert read_meta(resharded)["optimizer_step"] == 0
 
 
 @pytest.mark.parametrize("kind", ["derf", "rmsnorm", "layernorm"])

@@ -225,8 +225,9 @@ def test_shapes_that_do_not_match_the_config(source, tmp_path, capsys):
     # An output folder in use is refused before anything is read.
     (tmp_path / "used").mkdir()
     (tmp_path / "used/file").write_text("x")
-    with pytest.raises(ValueError, match="output folder .* exists and is not empty"):
-        reshard_checkpoint(source["step_n"], tmp_path / "used", tensor=1, progress=False)
+    for used in (tmp_path / "used", tmp_path / "used/file"):  # a folder in use, or a file
+        with pytest.raises(ValueError, match="output .* exists and is not an empty folder"):
+            reshard_checkpoint(source["step_n"], used, tensor=1, progress=False)
     # A truncated file names itself.
     (bad / "config.yaml").write_text((source["step_n"] / "config.yaml").read_text())
     states = bad / "zero_pp_rank_0_mp_rank_01_optim_states.pt"
@@ -260,3 +261,29 @@ def test_data_position_is_kept_in_global_samples(tmp_path):
     assert _client_state(meta, 44, tmp_path)["data_cursor"] == 2
     with pytest.raises(CheckpointError, match="stopped after 88 samples, not a whole number"):
         _client_state(meta, 16, tmp_path)
+
+
+def test_fixed_alpha_run_reshards_and_continues(corpus, tmp_path):
+    """With `learnable_alpha: false` the α are not in the optimizer: they are resharded as
+    weights alone, and a ZeRO-1 run resumed at TP=2 continues like the unresharded one."""
+    steps = 4
+    cfg = train_dict(corpus, train_steps=steps, save_interval=2, zero=1)
+    cfg["model"]["norm"]["learnable_alpha"] = False
+    ref = distributed.run(_train, 1, cfg, str(tmp_path / "ref"), tmp_path=tmp_path)[0]
+    src = tmp_path / "ref/checkpoints/step_0000002"
+    out = tmp_path / "tp2"
+    assert main(["convert", "reshard", str(src), str(out), "--tp", "2", "--no-progress"]) == 0
+    meta = read_meta(out / "checkpoints/step_0000002")
+    assert meta["optimizer_step"] == 2
+    alphas = [n for n in meta["params"] if n.endswith(".alpha")]
+    assert alphas and all(meta["params"][n]["group"] is None for n in alphas)
+    resumed = load_config(out / "config.yaml").to_dict()
+    ranks = distributed.run(_train, 2, resumed, str(out), tmp_path=tmp_path)
+    for r in ranks:
+        assert sorted(r["losses"]) == [3, 4]
+        for step in (3, 4):
+            assert r["losses"][step] == pytest.approx(ref["losses"][step], rel=RTOL), step
+    end = read_full_state_dict(
+        out / f"checkpoints/step_{steps:07d}", load_config(out / "config.yaml")
+    )
+    assert end["layers.0.attention_norm.alpha"].item() == pytest.approx(0.8)  # never trained

@@ -141,7 +141,7 @@ class ParamState:
     exp_avg: torch.Tensor | None
     exp_avg_sq: torch.Tensor | None
     step: int
-    group: dict[str, float]
+    group: dict[str, float] | None  # None: not trained (no optimizer state)
 
 
 def _load(path: Path) -> Any:
@@ -201,8 +201,10 @@ def _torch_optimizer(
     mp = stage * cfg.parallel.tensor + tp_rank
     path = folder / f"mp_rank_{mp:02d}_model_states.pt"
     saved = _load(path).get("optimizer") or {"state": {}, "param_groups": []}
-    keys = sorted({group_key(n, w.dim(), cfg) for n, w in weights.items()})
-    names = [[n for n, w in weights.items() if group_key(n, w.dim(), cfg) == k] for k in keys]
+    out = _frozen(weights, cfg)
+    trained = {n: w for n, w in weights.items() if n not in out}
+    keys = sorted({group_key(n, w.dim(), cfg) for n, w in trained.items()})
+    names = [[n for n, w in trained.items() if group_key(n, w.dim(), cfg) == k] for k in keys]
     groups = saved.get("param_groups", [])
     if len(groups) != len(keys):
         raise CheckpointError(
@@ -210,7 +212,6 @@ def _torch_optimizer(
             f" weight-decay / DyT lr policy gives {len(keys)}; the checkpoint does not match"
             " its config.yaml"
         )
-    out = {}
     for (decay, mult), group_names, group in zip(keys, names, groups, strict=True):
         if len(group["params"]) != len(group_names) or (
             group.get("weight_decay"),
@@ -236,6 +237,30 @@ def _torch_optimizer(
                 step=int(state["step"]) if "step" in state else 0,
                 group={"weight_decay": decay, "lr_mult": mult},
             )
+    return out
+
+
+def _frozen(weights: dict[str, torch.Tensor], cfg: Config) -> dict[str, ParamState]:
+    """The parameters the optimizer does not hold (a fixed α): weights only, no step or group."""
+    from megatron_dyt.training.optimizer import is_trainable
+
+    return {
+        name: ParamState(w.float(), None, None, step=0, group=None)
+        for name, w in weights.items()
+        if not is_trainable(name, cfg)
+    }
+
+
+def _weights_only(weights: dict[str, torch.Tensor], cfg: Config) -> dict[str, ParamState]:
+    """An imported checkpoint (`convert from-hf`): weights, and the groups they will train in."""
+    from megatron_dyt.training.optimizer import group_key
+
+    out = _frozen(weights, cfg)
+    for name, w in weights.items():
+        if name not in out:
+            decay, mult = group_key(name, w.dim(), cfg)
+            group = {"weight_decay": decay, "lr_mult": mult}
+            out[name] = ParamState(w.float(), None, None, step=0, group=group)
     return out
 
 
@@ -281,8 +306,10 @@ def _flat_optimizer(
                     "weight_decay": group.get("weight_decay"),
                     "lr_mult": group.get("lr_mult", 1.0),
                 }
-    out = {}
+    out = _frozen(weights, cfg)
     for name, weight in weights.items():
+        if name in out:
+            continue
         if name not in pieces:
             raise CheckpointError(
                 f"tensor '{name}' has no optimizer state in '{folder}' ({prefix}_*_mp_rank_{mp:02d})"
@@ -318,10 +345,13 @@ def read_stage(folder: Path, cfg: Config, layout: Layout, stage: int) -> dict[st
         )
     if layout.optimizer == "fp16":
         raise CheckpointError(f"'{folder}': resharding fp16 checkpoints is not supported")
+    weights_only = bool(_complete(folder).get("weights_only", False))
     shards = []
     for tp_rank in range(layout.tensor):
         weights = _weights(folder, cfg, stage, tp_rank)
-        if layout.optimizer == "torch":
+        if weights_only:
+            shards.append(_weights_only(weights, cfg))
+        elif layout.optimizer == "torch":
             shards.append(_torch_optimizer(folder, cfg, stage, tp_rank, weights))
         else:
             shards.append(_flat_optimizer(folder, cfg, layout, stage, tp_rank, weights))
@@ -417,7 +447,7 @@ def convert_to_universal(
                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             )
         step = int(done["step"])
-        opt_steps = sorted({p["step"] for p in params.values()})
+        opt_steps = sorted({p["step"] for p in params.values() if p["group"] is not None})
         if len(opt_steps) != 1:
             raise CheckpointError(
                 f"'{folder}': parameters were updated a different number of times ({opt_steps})"
@@ -580,6 +610,9 @@ def load_universal(
             _load_torch(engine.optimizer, local, values, step)
         else:
             _load_flat(engine.optimizer, values, step)
+        for _, param in local:  # not in the optimizer's partitions: set directly
+            if not param.requires_grad:
+                param.data.copy_(values[id(param)]["weight"].to(param.dtype))
     _set_schedule(engine, int(meta["lr_scheduler_last_epoch"]))
     engine.global_steps = int(meta["step"])
     engine.global_samples = int(meta["consumed_samples"])
@@ -720,8 +753,8 @@ def reshard_checkpoint(
         f" parallel.pipeline={tree['parallel']['pipeline']})",
     )
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"output folder '{out}' exists and is not empty; give a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"output '{out}' exists and is not an empty folder; give a new folder")
     expected = {n: list(p.shape) for n, p in canonical_parameters(build_meta_model(target))}
     done = _complete(folder)
     tag = tag_for(int(done["step"]))
@@ -769,7 +802,11 @@ def add_reshard_parser(convert_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tp", type=positive_int, default=None, help="target tensor-parallel size")
     p.add_argument("--pp", type=positive_int, default=None, help="target pipeline-parallel size")
     p.add_argument(
-        "--zero-stage", type=int, default=None, choices=[0, 1, 2, 3], help="target ZeRO stage"
+        "--zero-stage",
+        type=int,
+        default=None,
+        choices=[0, 1, 2],
+        help="target ZeRO stage (resharded resume supports 0-2)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_reshard)
@@ -789,8 +826,9 @@ def cmd_reshard(args: argparse.Namespace) -> int:
     meta = read_meta(folder)
     p = cfg.parallel
     print(
-        f"wrote {folder} (step {meta['step']}, {len(meta['params'])} tensors with Adam moments,"
-        f" {meta['consumed_samples']} samples consumed) for TP={p.tensor}/PP={p.pipeline}, any DP"
+        f"wrote {folder} (step {meta['step']}, {len(meta['params'])} tensors"
+        + (" with Adam moments," if meta["optimizer_step"] > 0 else ", no optimizer state yet,")
+        + f" {meta['consumed_samples']} samples consumed) for TP={p.tensor}/PP={p.pipeline}, any DP"
     )
     print(
         f"resume: torchrun --nproc-per-node <{p.tensor * p.pipeline}×DP> -m megatron_dyt train"

@@ -14,6 +14,12 @@ def is_dyt_scalar(name: str) -> bool:
     return name.endswith((".alpha", ".shift")) or name == "embedding.scale"
 
 
+def is_trainable(name: str, cfg: Config) -> bool:
+    """Whether the optimizer holds this parameter: with `learnable_alpha: false` the DyT/Derf α
+    stay at α₀ and have no optimizer state (resharding needs to know without a model)."""
+    return cfg.model.norm.learnable_alpha or not name.endswith(".alpha")
+
+
 def group_key(name: str, ndim: int, cfg: Config) -> tuple[float, float]:
     """(weight decay, lr multiplier) of a parameter: which AdamW group it belongs to.
 
