@@ -240,8 +240,11 @@ class MegatronDyTLM(TemplateLM):
             until = kwargs.get("until") or [self.tok.decode([self.eot_token_id])]
             if isinstance(until, str):
                 until = [until]
+            until = [stop for stop in until if stop]  # an empty stop string stops nothing
             max_gen = int(kwargs.get("max_gen_toks", self.max_gen_toks))
-            out.append(self._greedy(self.tok_encode(context), until, max_gen))
+            # an empty context starts from the prefix token, as lm-eval's HF model does
+            context_ids = self.tok_encode(context) or [self.prefix_token_id]
+            out.append(self._greedy(context_ids, until, max_gen))
         return out
 
     def _greedy(self, context: list[int], until: list[str], max_gen: int) -> str:

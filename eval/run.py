@@ -129,6 +129,9 @@ def evaluate_checkpoint(
     from megatron_dyt.training.engine import precision
 
     folder = ckpt.resolve(checkpoint)
+    out = Path(out_dir) if out_dir else folder.parent.parent / "eval" / folder.name
+    if out.exists() and not out.is_dir():  # found now, not after the evaluation
+        raise ValueError(f"--out '{out}' is a file; give a folder for the results")
     saved = ckpt.read_config(folder)
     tree = saved.to_dict()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -163,7 +166,7 @@ def evaluate_checkpoint(
         else torch.device("cpu")
     )
     dtype = precision(cfg)
-    full = ckpt.read_full_state_dict(folder, saved)
+    full = ckpt.read_full_state_dict(folder, saved, vocab_rows=cfg.padded_vocab_size)
     if cfg.parallel.pipeline == 1:
         module = LlamaModel(cfg)
     else:
@@ -180,13 +183,12 @@ def evaluate_checkpoint(
     summary = summarize(results["results"], tasks)
     title = f"{cfg.model.name} @ step {json.loads((folder / ckpt.COMPLETE).read_text())['step']}"
     table = markdown_table(summary, title)
-    out = Path(out_dir) if out_dir else folder.parent.parent / "eval" / folder.name
     out.mkdir(parents=True, exist_ok=True)
     from lm_eval.utils import handle_non_serializable
 
-    (out / "results.json").write_text(
-        json.dumps(results, indent=2, default=handle_non_serializable) + "\n"
+    ckpt.atomic_write(
+        out / "results.json", json.dumps(results, indent=2, default=handle_non_serializable) + "\n"
     )
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "results.md").write_text(table)
+    ckpt.atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    ckpt.atomic_write(out / "results.md", table)
     return EvalOutput(results, summary, table, out)

@@ -1,4 +1,4 @@
-"""The `megatron-dyt` command: info, data, train, eval, convert (launch arrives later)."""
+"""The `megatron-dyt` command: info, train, eval, data, launch, convert, sweep."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import os
 import sys
 import warnings
 from pathlib import Path
+
+from megatron_dyt.arguments import positive_int
 
 
 def _quiet_imports() -> None:
@@ -206,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tasks", help="comma-separated lm-eval task names (suite names allowed)")
     ev.add_argument("--suite", help="paper15, quick or offline")
     ev.add_argument("--batch-size", default="8", help="requests per forward pass, or 'auto'")
-    ev.add_argument("--limit", type=int, default=None, help="at most N documents per task")
+    ev.add_argument("--limit", type=positive_int, default=None, help="at most N documents per task")
     ev.add_argument("--out", help="output folder (default: <run>/eval/<step>)")
     ev.set_defaults(func=cmd_eval)
 

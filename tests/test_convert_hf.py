@@ -136,6 +136,28 @@ def test_round_trip_of_other_norms_at_tp2_pp2(kind, tmp_path):
     _assert_identical(source, _full(folder))
 
 
+def test_vocab_padding_of_another_tp_size_is_refitted(tmp_path):
+    """Vocab 257 is padded to 258 rows at TP=2 and 257 at TP=1 (make_vocab_size_divisible_by=1):
+    the rows past the vocabulary are padding, refitted by export, import and the reader."""
+    cfg = _cfg("dyt", tp=2, pp=1, vocab_size=257, make_vocab_size_divisible_by=1)
+    assert cfg.padded_vocab_size == 258
+    source = _random_full(cfg)
+    write_checkpoint(source, cfg, tmp_path / "src", progress=False)
+    resharded = reshard_checkpoint(tmp_path / "src", tmp_path / "tp1", tensor=1, progress=False)
+    export_to_hf(resharded, tmp_path / "hf", progress=False)
+    from safetensors.torch import load_file
+
+    hf_config = json.loads((tmp_path / "hf/config.json").read_text())
+    embed = load_file(tmp_path / "hf/model.safetensors")["model.embed_tokens.weight"]
+    assert hf_config["vocab_size"] == embed.shape[0] == 257  # what transformers checks on load
+    back = _full(import_from_hf(tmp_path / "hf", tmp_path / "back", tp=2, progress=False))
+    for name, tensor in source.items():
+        if name in ("embedding.word.weight", "output.head.weight"):
+            assert back[name].shape[0] == 258 and not back[name][257:].any()
+            tensor, back[name] = tensor[:257], back[name][:257]
+        assert torch.equal(back[name], tensor), name
+
+
 # ---- logits in transformers ---------------------------------------------------------------------
 
 _LOAD_WITHOUT_US = r"""

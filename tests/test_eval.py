@@ -165,7 +165,15 @@ def _rolling_and_generate(cfg_dict: dict, tokenizer_path: str) -> dict:
             manual.append(nxt)
             if "\n\n" in lm.tok_decode(manual):
                 break
+    # Edge cases lm-eval's HF model accepts: an empty context, an empty stop string.
+    edge = lm.generate_until(
+        [
+            Instance("generate_until", {}, ("", {"until": ["", "\n\n"], "max_gen_toks": 3}), 0),
+            Instance("generate_until", {}, ("def f(x):\n", {"until": [""], "max_gen_toks": 6}), 1),
+        ]
+    )
     return {
+        "edge": edge,
         "rolling": rolling,
         "direct": direct,
         "generated": generated,
@@ -182,16 +190,19 @@ def test_rolling_windows_and_greedy_generation(corpus, tmp_path):
     assert out["rolling"] == pytest.approx(out["direct"], abs=1e-3)
     assert out["rolling"] < 0 and math.isfinite(out["rolling"])
     assert out["generated"] == out["manual"]
+    assert isinstance(out["edge"][0], str)
+    assert out["edge"][1].startswith(out["generated"])  # the same tokens, no stop string
 
 
 @pytest.fixture(scope="module")
 def trained_tp2(corpus, tmp_path_factory):
-    """A checkpoint saved by `megatron-dyt train` at TP=2 (two processes)."""
+    """A checkpoint saved by `megatron-dyt train` at TP=2 (two processes). Its vocabulary of 513
+    is padded to 514 rows at TP=2 but 513 at TP=1: evaluating it in one process must refit them."""
     tmp = tmp_path_factory.mktemp("trained")
     run = tmp / "run"
-    distributed.run(
-        train_worker, 2, train_dict(corpus, tp=2, train_steps=2), str(run), tmp_path=tmp
-    )
+    cfg = train_dict(corpus, tp=2, train_steps=2)
+    cfg["model"].update(vocab_size=513, make_vocab_size_divisible_by=1)
+    distributed.run(train_worker, 2, cfg, str(run), tmp_path=tmp)
     return run
 
 

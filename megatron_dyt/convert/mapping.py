@@ -147,7 +147,8 @@ def from_hf_state_dict(
 ) -> dict[str, torch.Tensor]:
     """HF LLaMA tensors → our full state dict for `cfg`; shapes checked against `cfg`.
 
-    The vocabulary rows are padded with zeros up to `cfg.padded_vocab_size`.
+    The vocabulary tensors get `cfg.padded_vocab_size` rows: padded with zeros, or cut when the
+    source was padded for another TP size (rows past `model.vocab_size` match no token).
     """
     m = cfg.model
     expected = expected_hf_shapes(cfg)
@@ -157,8 +158,8 @@ def from_hf_state_dict(
             raise ConvertError(f"{source}: tensor '{name}' is missing")
         got = list(hf[name].shape)
         ok = got == shape
-        if name in vocab_rows:  # fewer rows: padded with zeros below
-            ok = got[1:] == shape[1:] and got[0] <= shape[0]
+        if name in vocab_rows:  # every token needs a row; padding rows are fitted below
+            ok = got[1:] == shape[1:] and got[0] >= m.vocab_size
         if not ok:
             raise ConvertError(
                 f"{source}: tensor '{name}' has shape {got}, the target config expects"
@@ -177,7 +178,7 @@ def from_hf_state_dict(
         if name in vocab_rows and tensor.shape[0] < cfg.padded_vocab_size:
             pad = tensor.new_zeros(cfg.padded_vocab_size - tensor.shape[0], tensor.shape[1])
             tensor = torch.cat([tensor, pad])
-        full[ours] = tensor
+        full[ours] = tensor[: cfg.padded_vocab_size] if name in vocab_rows else tensor
     d, kv, q_per_kv, h = m.head_dim, m.kv_heads, m.num_heads // m.kv_heads, m.hidden_size
     for i in range(m.num_layers):
         ours, name = f"layers.{i}.", f"model.layers.{i}."
@@ -200,7 +201,9 @@ def _shape_hint(name: str, cfg: Config) -> str:
     if "mlp" in name:
         return f" (model.ffn_hidden_size={m.ffn_hidden_size}, model.hidden_size={m.hidden_size})"
     if "embed_tokens.weight" in name or "lm_head" in name:
-        return f" (at most padded vocab {cfg.padded_vocab_size} rows, model.hidden_size={m.hidden_size})"
+        return (
+            f" (at least model.vocab_size={m.vocab_size} rows, model.hidden_size={m.hidden_size})"
+        )
     return f" (model.hidden_size={m.hidden_size})"
 
 

@@ -531,6 +531,11 @@ def _fit_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
 
 
+def fit_vocab_rows(full: dict[str, Any], rows: int) -> dict[str, Any]:
+    """`full` with its vocabulary-sized tensors cut or zero-padded to `rows` rows."""
+    return {k: _fit_rows(v, rows) if k in _VOCAB_TENSORS else v for k, v in full.items()}
+
+
 def _collective_check(problems: list[str]) -> None:
     """Raise the first problem any rank found, on every rank (no rank is left waiting)."""
     import torch.distributed as dist

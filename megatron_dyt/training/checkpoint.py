@@ -194,8 +194,21 @@ def read_config(folder: Path) -> Config:
     return load_config(folder / "config.yaml")
 
 
-def read_full_state_dict(folder: Path, cfg: Config) -> dict[str, torch.Tensor]:
-    """The full (TP-merged, all stages) model weights of a checkpoint, by canonical name."""
+def read_full_state_dict(
+    folder: Path, cfg: Config, vocab_rows: int | None = None
+) -> dict[str, torch.Tensor]:
+    """The full (TP-merged, all stages) model weights of a checkpoint, by canonical name.
+
+    `cfg` is the checkpoint's own config. The embedding and output head come back with
+    `vocab_rows` rows (default: `cfg`'s padded vocabulary): the padding depends on the TP size,
+    so a model built at another one needs other padding rows (no token maps to them).
+    """
+    from megatron_dyt.convert.reshard import fit_vocab_rows
+
+    return fit_vocab_rows(_read_full(folder, cfg), vocab_rows or cfg.padded_vocab_size)
+
+
+def _read_full(folder: Path, cfg: Config) -> dict[str, torch.Tensor]:
     from megatron_dyt.convert.reshard import is_universal, read_universal_weights
     from megatron_dyt.model.init import tp_partition
     from megatron_dyt.parallel import merge_shards
