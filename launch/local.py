@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -48,4 +50,28 @@ def launch(
     )
     if dry_run:
         return 0
-    return subprocess.run(cmd).returncode
+    return run_forwarding_signals(cmd)
+
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
+
+
+def run_forwarding_signals(cmd: list[str]) -> int:
+    """Run `cmd` and pass every stop signal this process gets on to it, exactly once.
+
+    The child gets its own session, so a Ctrl-C in the terminal reaches it only through here
+    (torchrun, hit twice, would cut its workers' checkpoint short); a SIGTERM to the launcher
+    stops the training instead of orphaning it.
+    """
+    proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def forward(signum: int, _frame) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

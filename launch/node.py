@@ -41,10 +41,16 @@ def _forward(signum: int, _frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main as torchrun
 
     signal.signal(signal.SIGUSR1, _forward)
-    torchrun(sys.argv[1:] if argv is None else argv)
+    try:
+        torchrun(sys.argv[1:] if argv is None else argv)
+    except SignalException as exc:  # torchrun passed it to the workers, which saved: no traceback
+        sig = signal.Signals(exc.sigval)
+        print(f"launch: stopped by {sig.name}; the workers were sent it too", file=sys.stderr)
+        return 128 + sig.value
     return 0
 
 

@@ -645,6 +645,11 @@ def array_ranges(indices: Sequence[int]) -> str:
     return ",".join(parts)
 
 
+def _job_name(sweep_dir: Path) -> str:
+    name = sweep_dir.name
+    return name if name.startswith("sweep") else f"sweep-{name}"
+
+
 def array_script(
     sweep_dir: str | Path,
     indices: Sequence[int],
@@ -666,7 +671,7 @@ def array_script(
     array = array_ranges(indices) + (f"%{max_running}" if max_running else "")
     lines = [
         "#!/bin/bash",
-        f"#SBATCH --job-name={job_name or 'sweep-' + sweep_dir.name}",
+        f"#SBATCH --job-name={job_name or _job_name(sweep_dir)}",
         f"#SBATCH --array={array}",
         f"#SBATCH --output={sweep_dir}/slurm/%A_%a.out",
         f"#SBATCH --chdir={Path(workdir or os.getcwd()).resolve()}",

@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.add_argument(
         "--gpus",
-        type=int,
+        type=positive_int,
         default=None,
         help="GPUs in the job (default: 8 if the layout fits, else TP×PP)",
     )

@@ -121,3 +121,10 @@ def test_build_runs_a_real_step(capsys):
     st = out["smoke_test"]
     assert abs(st["loss"] - st["uniform_loss"]) < 0.1  # a freshly initialised LM is near-uniform
     assert st["grad_norm"] > 0
+    for bad in ("0", "-8"):
+        with pytest.raises(SystemExit) as exit_:  # argparse: usage and one line, status 2
+            main(["info", str(ROOT / "configs/tiny-dyt.yaml"), "--gpus", bad])
+        assert exit_.value.code == 2
+        assert f"argument --gpus: '{bad}': expected a positive whole number" in (
+            capsys.readouterr().err
+        )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -122,6 +123,47 @@ def test_bad_command_lines_are_one_clear_error(tmp_path, corpus):
     assert not (tmp_path / "r").exists()  # nothing written for a job that was not submitted
     local = cli("launch", "local", str(config), "--nproc", "3", "--dry-run")
     assert local.returncode == 2 and "not divisible" in local.stderr
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:  # it ended while we looked
+            continue
+    return found
+
+
+def test_sigterm_to_a_local_launch_stops_the_training_with_a_checkpoint(tmp_path, corpus):
+    """The launcher passes SIGTERM on (once): the workers save and exit, nothing outlives it."""
+    config = write_config(tmp_path, corpus, train_steps=10_000)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*CLI, "launch", "local", str(config), "--nproc", "2", "--run-dir", str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "training never started"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and "stopped by SIGTERM" in err
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "stopped"
+    assert (run_dir / "checkpoints/latest").is_file()
+    deadline = time.time() + 30
+    while _processes_mentioning(str(run_dir)) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _processes_mentioning(str(run_dir)) == []
 
 
 # ---- real jobs --------------------------------------------------------------------------------

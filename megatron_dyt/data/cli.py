@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megatron_dyt.arguments import positive_int
+
 DEFAULT_CACHE_DIR = ".cache/megatron-dyt"  # the default of data.cache_dir
 
 
@@ -36,7 +38,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
         metavar="PREFIX",
         help="writes PREFIX.model and PREFIX.vocab",
     )
-    tok.add_argument("--vocab-size", required=True, type=int, metavar="N")
+    tok.add_argument("--vocab-size", required=True, type=positive_int, metavar="N")
     tok.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
     tok.add_argument("--text-key", default="text", help="JSONL key holding the text")
     tok.add_argument("--skip-bad", action="store_true", help="skip bad lines/files, count them")
@@ -70,7 +72,14 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
         default=Path(DEFAULT_CACHE_DIR),
         help=f"default: {DEFAULT_CACHE_DIR} (data.cache_dir)",
     )
-    demo.add_argument("--vocab-size", type=int, default=8192, metavar="N")
+    demo.add_argument(
+        "--vocab-size",
+        type=positive_int,
+        default=4096,
+        metavar="N",
+        help="tokenizer size; data.demo=true builds the one of model.vocab_size (4096 in"
+        " configs/tiny-*.yaml, so the default is what they train on)",
+    )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)
 
