@@ -222,3 +222,23 @@ def test_attention_keeps_no_view_of_the_fused_qkv_output_for_the_backward():
         attention(x).sum().backward()
     assert len(qkv_storages) == 1 and saved
     assert qkv_storages[0] not in saved
+
+
+@pytest.mark.parametrize("learnable", [True, False])
+def test_trainable_by_name_is_what_the_model_trains(learnable):
+    # Resharding decides from names alone which parameters have optimizer state.
+    from megatron_dyt.model import canonical_parameters
+    from megatron_dyt.training.optimizer import is_trainable
+
+    cfg = tiny("derf")
+    cfg = cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(
+                update={"norm": cfg.model.norm.model_copy(update={"learnable_alpha": learnable})}
+            )
+        }
+    )
+    params = dict(canonical_parameters(build(cfg)))
+    assert any(name.endswith(".alpha") for name in params)
+    for name, param in params.items():
+        assert is_trainable(name, cfg) == param.requires_grad, name
