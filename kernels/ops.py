@@ -457,7 +457,10 @@ def _bwd_config(m: int, n: int, device: torch.device) -> tuple[int, int, int, in
     """
     t = _tuning_for(device)
     sms = t.sm_count or _sm_count(device.index if device.index is not None else 0)
-    return _bwd_grid(m, n, t, sms)
+    if isinstance(m, int) and isinstance(n, int):
+        return _bwd_grid(m, n, t, sms)
+    # torch.compile with dynamic shapes traces with symbolic sizes, which cannot be hashed
+    return _bwd_grid.__wrapped__(m, n, t, sms)
 
 
 @functools.lru_cache(maxsize=256)
@@ -640,6 +643,16 @@ def _param_grads(ctx, dy: Tensor | None, dh: Tensor | None, backward) -> tuple:
 # for the whole DyT forward at 16384 × 4096, paid at every norm of every layer.
 
 
+def _no_double_backward() -> None:
+    # Grad mode is on inside a backward only with create_graph=True: the caller wants the
+    # gradient to be differentiable, and the kernels' is not (it would silently act as a constant).
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "the DyT/Derf Triton kernels have no second derivative (create_graph=True);"
+            " use the norm's backend: torch for double backward"
+        )
+
+
 def _eager_backward(dy, x, alpha, shift, weight, bias, dh, act):
     return _backward(dy, x, alpha, shift, weight, bias, dh, act, _plain)
 
@@ -654,6 +667,7 @@ class _DyTFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        _no_double_backward()
         return *_param_grads(ctx, dy, None, _eager_backward), None
 
 
@@ -668,6 +682,7 @@ class _ResidualDyTFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh, dy):
+        _no_double_backward()
         dx, *params = _param_grads(ctx, dy, dh, _eager_backward)  # dL/dh: residual's + norm's
         return dx, dx, *params, None
 
@@ -754,8 +769,15 @@ def _apply_residual_dyt(x, r, alpha, shift, weight, bias, act: int) -> tuple[Ten
 # ---- public functions -----------------------------------------------------------------------
 
 
-def _check(x: Tensor, alpha: Tensor, weight: Tensor, *others: Tensor | None) -> None:
-    """Clear errors before a kernel sees the tensors; `others` only need x's device."""
+def _check(
+    x: Tensor,
+    alpha: Tensor,
+    weight: Tensor,
+    shift: Tensor | None,
+    bias: Tensor | None,
+    r: Tensor | None = None,
+) -> None:
+    """Clear errors before a kernel sees the tensors."""
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"DyT/Derf kernels take float32, bfloat16 or float16 inputs, not {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != weight.numel():
@@ -763,19 +785,27 @@ def _check(x: Tensor, alpha: Tensor, weight: Tensor, *others: Tensor | None) -> 
             f"input's last dimension {tuple(x.shape)[-1:]} must equal the weight's size"
             f" {weight.numel()}"
         )
-    if alpha.numel() != 1:
-        raise ValueError(f"alpha must hold one value, got shape {tuple(alpha.shape)}")
-    for t in (alpha, weight, *others):
+    for name, t in (("alpha", alpha), ("shift", shift)):
+        if t is not None and t.numel() != 1:
+            raise ValueError(f"{name} must hold one value, got shape {tuple(t.shape)}")
+    if bias is not None and bias.numel() != weight.numel():
+        raise ValueError(f"bias has {bias.numel()} values, the weight {weight.numel()}")
+    for t in (alpha, weight, shift, bias, r):
         if t is not None and t.device != x.device:
             raise ValueError(f"all tensors must be on {x.device}, got one on {t.device}")
+
+
+def _vectors(weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """γ and β as the kernels index them: contiguous (a no-op for parameters)."""
+    return weight.contiguous(), None if bias is None else bias.contiguous()
 
 
 def dyt(
     x: Tensor, alpha: Tensor, weight: Tensor, bias: Tensor | None = None, squash: str = "tanh"
 ) -> Tensor:
     """`weight·f(alpha·x) + bias` over the last dimension of x, f = tanh unless ablated."""
-    _check(x, alpha, weight, bias)
-    return _apply_dyt(x, alpha, None, weight, bias, SQUASH_CODES[squash])
+    _check(x, alpha, weight, None, bias)
+    return _apply_dyt(x, alpha, None, *_vectors(weight, bias), SQUASH_CODES[squash])
 
 
 def derf(
@@ -783,7 +813,7 @@ def derf(
 ) -> Tensor:
     """`weight·erf(alpha·x + shift) + bias` over the last dimension of x."""
     _check(x, alpha, weight, shift, bias)
-    return _apply_dyt(x, alpha, shift, weight, bias, SQUASH_CODES["erf"])
+    return _apply_dyt(x, alpha, shift, *_vectors(weight, bias), SQUASH_CODES["erf"])
 
 
 def _check_residual(x: Tensor, r: Tensor) -> None:
@@ -803,9 +833,9 @@ def residual_dyt(
     squash: str = "tanh",
 ) -> tuple[Tensor, Tensor]:
     """`h = x + r` and `dyt(h)` in one pass: returns (h, y)."""
-    _check(x, alpha, weight, r, bias)
+    _check(x, alpha, weight, None, bias, r)
     _check_residual(x, r)
-    return _apply_residual_dyt(x, r, alpha, None, weight, bias, SQUASH_CODES[squash])
+    return _apply_residual_dyt(x, r, alpha, None, *_vectors(weight, bias), SQUASH_CODES[squash])
 
 
 def residual_derf(
@@ -817,6 +847,6 @@ def residual_derf(
     bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`h = x + r` and `derf(h)` in one pass: returns (h, y)."""
-    _check(x, alpha, weight, r, shift, bias)
+    _check(x, alpha, weight, shift, bias, r)
     _check_residual(x, r)
-    return _apply_residual_dyt(x, r, alpha, shift, weight, bias, SQUASH_CODES["erf"])
+    return _apply_residual_dyt(x, r, alpha, shift, *_vectors(weight, bias), SQUASH_CODES["erf"])

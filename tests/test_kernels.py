@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import warnings
 
 import pytest
@@ -253,6 +254,65 @@ def test_bad_inputs_are_clear_errors():
         ops.residual_dyt(
             torch.ones(2, 64, device=DEVICE), torch.ones(1, 64, device=DEVICE), alpha, weight
         )
+    with pytest.raises(ValueError, match="bias has 65 values, the weight 64"):
+        ops.dyt(torch.ones(2, 64, device=DEVICE), alpha, weight, torch.ones(65, device=DEVICE))
+    with pytest.raises(ValueError, match=r"shift must hold one value, got shape \(2,\)"):
+        ops.derf(torch.ones(2, 64, device=DEVICE), alpha, torch.zeros(2, device=DEVICE), weight)
+
+
+def test_strided_weight_and_bias_are_read_as_their_values():
+    x = _inputs((4, 80), torch.float32)
+    alpha = torch.tensor([0.7], device=DEVICE)
+    w = torch.randn(160, device=DEVICE)[::2].requires_grad_()  # a view with stride 2
+    b = torch.randn(1, device=DEVICE).expand(80).requires_grad_()  # stride 0
+    got = ops.dyt(x, alpha, w, b)
+    want = torch.tanh(alpha * x) * w + b
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(got.sum(), [x, w, b])
+    for g, ref in zip(grads, torch.autograd.grad(want.sum(), [x, w, b]), strict=True):
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_double_backward_through_the_eager_kernels_is_an_error():
+    # The kernels' backward is not itself differentiable: a second-order term must fail loudly,
+    # not come out as if dx did not depend on x.
+    norm = DyT(64, 0.5, beta=True).to(DEVICE)
+    x = _inputs((4, 64), torch.float32)
+    y = _kernel(norm, x)
+    with pytest.raises(RuntimeError, match="no second derivative .* backend: torch"):
+        torch.autograd.grad(y.sum(), [x], create_graph=True)
+    h, y = ops.residual_dyt(x, x.detach(), norm.alpha, norm.weight, norm.bias)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad((h + y).sum(), [x], create_graph=True)
+
+
+_SYMBOLIC_TRACE = """
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from megatron_dyt.kernels import ops  # noqa: F401  (registers the custom ops)
+
+def backward(dy, x, alpha, w):
+    return torch.ops.megatron_dyt.dyt_backward.default(dy, x, alpha, None, w, None, None, 0)
+
+args = (torch.randn(6, 80), torch.randn(6, 80), torch.tensor([0.7]), torch.randn(80))
+graph = make_fx(backward, tracing_mode="symbolic")(*args)
+print("traced", sum("dyt_backward" in str(n.target) for n in graph.graph.nodes))
+"""
+
+
+def test_backward_traces_with_symbolic_shapes():
+    # What torch.compile(dynamic=True) does with the custom ops: their fake implementations run
+    # with symbolic sizes, so the launch grid must not need hashable ones. Traced without the
+    # interpreter (in a subprocess), which cannot run on fake tensors.
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-c", _SYMBOLIC_TRACE], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["traced", "1"]
 
 
 # ---- custom ops and compilation -------------------------------------------------------------
