@@ -31,15 +31,15 @@ METRICS = {
     "best_valid": "best validation loss",
     "final_train": "final training loss",
 }
-# Grid keys the report reads from each run's config rather than treating as a group axis.
-_OWN_KEYS = {
+# What places a run in a table cell (width, α₀ᵃᵗᵗⁿ, α₀ᵒᵗʰᵉʳ) or makes it one more seed of it,
+# read from each run's config. An axis that sets none of these (depth, tokens, or α₀ᶠⁱⁿᵃˡ or
+# kv heads on their own axis) is a group axis: its values get tables of their own, never
+# pooled as if they were seeds. Axes tied to one of these keys (width with its heads and FFN,
+# α₀ᵐˡᵖ with α₀ᶠⁱⁿᵃˡ) move with it.
+_CELL_KEYS = {
     "model.hidden_size",
-    "model.num_heads",
-    "model.num_kv_heads",
-    "model.ffn_hidden_size",
     "model.norm.alpha_attn",
     "model.norm.alpha_mlp",
-    "model.norm.alpha_final",
     "train.seed",
 }
 
@@ -173,7 +173,7 @@ def _group_axes(sweep_dir: Path) -> list[str]:
     return [
         name
         for name, axis in (spec.get("grid") or {}).items()
-        if not set(axis.get("keys", [name])) & _OWN_KEYS
+        if not set(axis.get("keys", [name])) & _CELL_KEYS
     ]
 
 
@@ -228,7 +228,8 @@ class Cell:
     values: list[float] = field(default_factory=list)  # metric of the done runs, one per seed
     runs: int = 0
     diverged: int = 0
-    failed: int = 0  # failed or not run yet
+    failed: int = 0  # ended without a usable metric
+    unfinished: int = 0  # pending or running: not a failure (yet)
 
     @property
     def stats(self) -> Spread:
@@ -271,10 +272,14 @@ def tables(rows: list[RunRow], metric: str) -> list[WidthTable]:
             cell.diverged += 1
         elif r.state == "done" and value is not None and math.isfinite(value):
             cell.values.append(value)
+        elif r.state in ("pending", "running"):
+            cell.unfinished += 1
         else:
             cell.failed += 1
     out = []
-    for (group, width), cells in sorted(by_key.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+    for (group, width), cells in sorted(
+        by_key.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1])
+    ):
         eligible = [c for c in cells.values() if c.eligible]
         best = min(eligible, key=lambda c: c.stats.mean) if eligible else None
         out.append(
@@ -290,6 +295,14 @@ def tables(rows: list[RunRow], metric: str) -> list[WidthTable]:
     return out
 
 
+def _order(group: tuple) -> tuple:
+    """A sort key for groups, whose values may mix numbers, text and None (null in the spec)."""
+    return tuple(
+        (name, (0, v) if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, str(v)))
+        for name, v in group
+    )
+
+
 def _num(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
@@ -301,15 +314,17 @@ def _cell_text(cell: Cell | None, best: bool) -> str:
     if not cell.values:
         if cell.diverged:
             return f"diverged ({cell.diverged}/{cell.runs})"
-        return "failed" if cell.failed else "—"
+        if cell.failed:
+            return "failed"
+        return "not run yet" if cell.unfinished else "—"
     text = f"{s.mean:.4f} ± {s.std:.4f}" if s.n > 1 else f"{s.mean:.4f}"
     text += f" (n={s.n})"
     if best:
         text = f"**{text}**"
     if cell.diverged:
         text += f" ⚠ diverged {cell.diverged}/{cell.runs}"
-    elif cell.failed:
-        text += f" ({cell.failed} missing)"
+    elif cell.failed or cell.unfinished:
+        text += f" ({cell.failed + cell.unfinished} missing)"
     return text
 
 
@@ -428,7 +443,7 @@ def fit_figure(series: list[dict[str, Any]], path: Path) -> None:
     # attn: filled circles, solid lines; other: open squares, dashed lines (both stay visible
     # where they coincide), each group (depth, ...) and component a colour of its own.
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
-    groups = sorted({s["group"] for s in series})
+    groups = sorted({s["group"] for s in series}, key=_order)
     for s in series:
         w = np.array(s["widths"], dtype=float)
         attn = s["component"] == "attn"
@@ -537,7 +552,7 @@ def _csv_text(rows: list[RunRow]) -> str:
 def fits(width_tables: list[WidthTable]) -> tuple[list[dict[str, Any]], list[str]]:
     """A power-law fit of the best α₀ against width per group and component; notes otherwise."""
     series, notes = [], []
-    groups = sorted({t.group for t in width_tables})
+    groups = sorted({t.group for t in width_tables}, key=_order)
     for group in groups:
         best = [t for t in width_tables if t.group == group and t.best is not None]
         extra = ", ".join(f"{k}={_num(v)}" for k, v in group)

@@ -29,7 +29,9 @@ ones (unless --retry-diverged), and resumes or retries the rest.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import fcntl
 import itertools
 import json
 import os
@@ -147,6 +149,15 @@ def spec_from_dict(data: Any, folder: Path = Path("."), source: str = "(spec)") 
             " grid: {model.norm.alpha_attn: [0.5, 1.0]}"
         )
     axes = [_parse_axis(str(name), entry, source) for name, entry in grid.items()]
+    owner: dict[str, str] = {}
+    for axis in axes:
+        for key in axis.keys:
+            if key in owner:
+                raise ConfigError(
+                    f"sweep spec {source}: grid axes {owner[key]!r} and {axis.name!r} both set"
+                    f" {key}; one axis per key (tie keys into one axis with 'keys')"
+                )
+            owner[key] = axis.name
     name = data.get("name")
     if name is not None and not isinstance(name, str):
         raise ConfigError(f"sweep spec {source}: 'name' must be a template string")
@@ -195,7 +206,8 @@ def expand(spec: SweepSpec) -> list[Run]:
             raise ConfigError(
                 f"sweep spec {spec.source}: runs {seen[run.name]} and {run.index} are both named"
                 f" {run.name!r}; make the 'name' template use every axis"
-                f" ({', '.join(a.name for a in spec.axes)})"
+                f" ({', '.join(a.name for a in spec.axes)}), and give tied axes values whose"
+                " first entries differ (names and reports show the first)"
             )
         seen[run.name] = run.index
     return runs
@@ -219,7 +231,13 @@ def _run_name(spec: SweepSpec, axes: dict[str, Any]) -> str:
                     f"sweep spec {spec.source}: name template field {{{key}}} is not an axis"
                     f" (axes: {', '.join(axes)})"
                 )
-            return _fmt(axes[key], fmt)
+            try:
+                return _fmt(axes[key], fmt)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(
+                    f"sweep spec {spec.source}: name template field {match.group(0)} cannot"
+                    f" format {axes[key]!r}: {exc}"
+                ) from None
 
         name = re.sub(r"\{([^{}:]+)(?::([^{}]*))?\}", field_value, spec.name)
     return re.sub(r"[^A-Za-z0-9._=+-]", "_", name)
@@ -393,18 +411,46 @@ def _alive_here(status: dict[str, Any]) -> bool:
 
 
 def train_command(config: Path, run_dir: Path, nproc: int = 1) -> list[str]:
-    """`megatron-dyt train` in a fresh interpreter (through torchrun for several processes)."""
+    """`megatron-dyt train` in a fresh interpreter; several processes through torchrun's node
+    wrapper (launch/node.py), which passes SIGUSR1 on so the workers save before stopping."""
     cli = ["-m", "megatron_dyt", "train", str(config), "--run-dir", str(run_dir), "--no-progress"]
     if nproc > 1:
         return [
             sys.executable,
             "-m",
-            "torch.distributed.run",
+            "megatron_dyt.launch.node",
             "--standalone",
+            "--nnodes=1",
             f"--nproc-per-node={nproc}",
+            "--max-restarts=0",
             *cli,
         ]
     return [sys.executable, *cli]
+
+
+def _trainer_state(run_dir: Path, since: float) -> str | None:
+    """How the trainer said this invocation ended (its status.json), if it wrote one since
+    `since`: "finished", "stopped" (with a checkpoint) or "diverged". Clearer than exit codes
+    and log lines once torchrun sits in between."""
+    try:
+        record = json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get("state") if record.get("time", 0) >= since else None
+
+
+@contextlib.contextmanager
+def _claim(run_dir: Path):
+    """Yields whether this process holds the run (an exclusive lock on run_dir/.sweep.lock, held
+    while it trains): two sweep processes on one folder never train the same run at once."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".sweep.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 def _log_tail(log: Path, start: int, lines: int = 20) -> list[str]:
@@ -424,12 +470,30 @@ def execute(
     nproc: int = 1,
     threads: int | None = None,
     children: _Children | None = None,
+    retry_diverged: bool = False,
 ) -> dict[str, Any]:
-    """Train one planned run to its end and record how it ended in its sweep.json."""
+    """Train one planned run to its end and record how it ended in its sweep.json; a run that
+    another sweep process holds, or that finished or diverged meanwhile, is left alone."""
     run_dir = sweep_dir / entry["run_dir"]
-    if children is not None and children.stopping:  # the sweep is being stopped: don't start
-        return {**read_status(run_dir), "index": entry["index"], "name": entry["name"]}
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with _claim(run_dir) as mine:
+        unchanged = {**read_status(run_dir), "index": entry["index"], "name": entry["name"]}
+        if not mine:  # another sweep process is training it now
+            return {**unchanged, "state": "running"}
+        if children is not None and children.stopping:  # the sweep is being stopped
+            return unchanged
+        if skip_reason(sweep_dir, entry, retry_diverged, held=True):  # done since the plan
+            return {**read_status(run_dir), "index": entry["index"], "name": entry["name"]}
+        return _train(sweep_dir, entry, run_dir, nproc, threads, children)
+
+
+def _train(
+    sweep_dir: Path,
+    entry: dict[str, Any],
+    run_dir: Path,
+    nproc: int,
+    threads: int | None,
+    children: _Children | None,
+) -> dict[str, Any]:
     log = run_dir / "train.log"
     start = log.stat().st_size if log.exists() else 0
     status = {
@@ -467,13 +531,18 @@ def execute(
                 children.discard(proc)
     tail = _log_tail(log, start)
     step = finished_step(run_dir)
+    trainer = _trainer_state(run_dir, status["started"])
     if step is not None and step >= entry["train_steps"]:
         state = "done"
-    elif code == 0 or (children is not None and children.stopping and code < 0):
+    elif trainer == "diverged" or any(DIVERGED_MARK in line for line in tail):
+        state = "diverged"
+    elif (
+        trainer == "stopped"
+        or code == 0
+        or (children is not None and children.stopping and code < 0)
+    ):
         # stopped by a signal (after saving a checkpoint, if it got that far): resumes next time
         state = "pending"
-    elif any(DIVERGED_MARK in line for line in tail):
-        state = "diverged"
     else:
         state = "failed"
     status.update(
@@ -491,9 +560,11 @@ def execute(
     return status
 
 
-def skip_reason(sweep_dir: Path, entry: dict[str, Any], retry_diverged: bool) -> str | None:
+def skip_reason(
+    sweep_dir: Path, entry: dict[str, Any], retry_diverged: bool, held: bool = False
+) -> str | None:
     """'done', 'diverged' or 'running' when this run must not be started now; records a
-    finished run as done."""
+    finished run as done. `held`: the caller holds the run's lock (see `_claim`)."""
     run_dir = sweep_dir / entry["run_dir"]
     status = read_status(run_dir)
     if is_finished(run_dir, entry["train_steps"]):
@@ -502,7 +573,7 @@ def skip_reason(sweep_dir: Path, entry: dict[str, Any], retry_diverged: bool) ->
         return "done"
     if status.get("state") == "diverged" and not retry_diverged:
         return "diverged"
-    if _alive_here(status):
+    if not held and _alive_here(status):
         return "running"  # another sweep process on this machine is training it now
     return None
 
@@ -530,6 +601,7 @@ def run_one(
             nproc=nproc,
             threads=int(threads) if threads else None,
             children=children,
+            retry_diverged=retry_diverged,
         )
     finally:
         for sig, handler in previous.items():
@@ -606,7 +678,15 @@ def run_local(
     pool = ThreadPoolExecutor(max_workers=parallel)
     try:
         futures = {
-            pool.submit(execute, sweep_dir, e, nproc=nproc, threads=threads, children=children): e
+            pool.submit(
+                execute,
+                sweep_dir,
+                e,
+                nproc=nproc,
+                threads=threads,
+                children=children,
+                retry_diverged=retry_diverged,
+            ): e
             for e in todo
         }
         for fut in as_completed(futures):
@@ -740,7 +820,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             partition=args.partition,
             account=args.account,
             time_limit=args.time,
-            max_running=args.parallel if args.parallel > 1 else None,
+            max_running=args.parallel,
             cpus_per_task=args.cpus_per_task,
             gpus_per_run=args.gpus_per_run or 0,
         )
@@ -756,7 +836,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = run_local(
         sweep_dir,
         plan,
-        parallel=args.parallel,
+        parallel=args.parallel or 1,
         nproc=args.gpus_per_run or 1,
         retry_diverged=args.retry_diverged,
         progress=not args.no_progress,
@@ -819,8 +899,8 @@ def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--parallel",
         type=positive_int,
-        default=1,
-        help="runs at a time (locally; with --slurm: the array's %%limit)",
+        default=None,
+        help="runs at a time (locally, default 1; with --slurm: the array's %%limit, default none)",
     )
     run.add_argument(
         "--gpus-per-run",

@@ -101,6 +101,10 @@ def test_bad_key_or_value_fails_before_running_naming_the_run(tmp_path, capsys):
         ({"w": {"values": [1]}}, "expected a list of values or {keys"),
         ({"w": []}, "has no values"),
         ({"w": {"keys": ["train.seed"], "values": [1, 2]}}, None),
+        (
+            {"train.seed": [1], "s": {"keys": ["train.seed"], "values": [2]}},
+            "grid axes 'train.seed' and 's' both set train.seed",
+        ),
     ],
 )
 def test_spec_errors(tmp_path, grid, message):
@@ -114,6 +118,9 @@ def test_spec_errors(tmp_path, grid, message):
 def test_unknown_template_field_and_missing_base(tmp_path):
     spec = _write_spec(tmp_path, tiny_dict(), {"train.seed": [1]}, name="s{seed}")
     with pytest.raises(ConfigError, match=r"field \{seed\} is not an axis \(axes: train.seed\)"):
+        sweep.validate(sweep.load_spec(spec))
+    spec = _write_spec(tmp_path, tiny_dict(), {"train.seed": [1]}, name="s{train.seed:.2q}")
+    with pytest.raises(ConfigError, match=r"field \{train.seed:.2q\} cannot format 1: Unknown"):
         sweep.validate(sweep.load_spec(spec))
     with pytest.raises(ConfigError, match="base config 'nope.yaml' not found"):
         sweep.spec_from_dict({"base": "nope.yaml", "grid": {"train.seed": [1]}}, tmp_path)
@@ -157,7 +164,33 @@ def test_slurm_dry_run_prints_script(tmp_path, capsys):
     assert main(["sweep", "run", str(spec), "--out", str(out), "--slurm", "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "#SBATCH --array=0-2\n" in printed and "sweep run-one" in printed
+    assert "#SBATCH --job-name=sweep-out\n" in printed
     assert not out.exists()  # a dry run writes nothing
+    args = ["sweep", "run", str(spec), "--out", str(tmp_path / "sweep-x"), "--slurm", "--dry-run"]
+    assert main([*args, "--parallel", "1"]) == 0  # an explicit 1 is a limit too
+    printed = capsys.readouterr().out
+    assert "#SBATCH --array=0-2%1\n" in printed and "#SBATCH --job-name=sweep-x\n" in printed
+
+
+def test_a_run_held_by_another_sweep_process_is_not_started_again(tmp_path):
+    spec = _write_spec(tmp_path, tiny_dict(), {"train.seed": [1]})
+    out = tmp_path / "out"
+    entry = sweep.prepare(spec, out)[0]
+    run_dir = out / entry["run_dir"]
+    with sweep._claim(run_dir) as mine:  # what a second process sees while the first trains
+        assert mine
+        status = sweep.execute(out, entry)
+    assert status["state"] == "running"
+    assert not (run_dir / "train.log").exists()  # nothing was started
+
+
+def test_runs_of_several_processes_go_through_the_node_wrapper(tmp_path):
+    cmd = sweep.train_command(tmp_path / "c.yaml", tmp_path / "r", nproc=2)
+    assert cmd[1:3] == ["-m", "megatron_dyt.launch.node"] and "--nproc-per-node=2" in cmd
+    # the trainer's own record decides how an invocation ended, not torchrun's exit code
+    (tmp_path / "status.json").write_text(json.dumps({"state": "stopped", "time": 10.0}))
+    assert sweep._trainer_state(tmp_path, since=5.0) == "stopped"
+    assert sweep._trainer_state(tmp_path, since=20.0) is None  # an earlier invocation's
 
 
 # ---- running: done, failed, diverged, resume ---------------------------------------------------
@@ -427,3 +460,39 @@ def test_report_exact_power_law_and_single_width(tmp_path):
     assert "needs at least 2 widths with a best cell; this sweep has 1" in result.summary
     assert [p.name for p in result.figures] == ["heatmap_w128.png"]
     assert (tmp_path / "rep/report.md").is_file() and (tmp_path / "rep/results.csv").is_file()
+
+
+def test_report_keeps_other_axes_apart_and_unfinished_runs_are_not_failures(tmp_path):
+    """An α₀ᶠⁱⁿᵃˡ axis of its own is a group, not extra seeds of a cell; a null axis value
+    sorts with the numbers; a run not trained yet is not reported as failed."""
+    spec = _write_spec(
+        tmp_path,
+        tiny_dict(),
+        {
+            "final": {"keys": ["model.norm.alpha_final"], "values": [0.5, 1.0]},
+            "warmup": {"keys": ["train.warmup_steps"], "values": [None, 6]},
+        },
+    )
+    out = tmp_path / "sweep"
+    plan = sweep.prepare(spec, out)
+    for e in plan:
+        run_dir = out / e["run_dir"]
+        if e["axes"] == {"final": 1.0, "warmup": 6}:
+            continue  # never started
+        run_dir.mkdir(parents=True)
+        cfg = config_from_dict(yaml.safe_load((out / e["config"]).read_text()))
+        writer = MetricsWriter(run_dir, cfg, enabled=True)
+        writer.write(10, {"loss": 3.0, "valid_loss": 3.0 if e["axes"]["final"] == 0.5 else 5.0})
+        writer.close()
+        sweep.write_status(run_dir, {"state": "done", "exit_code": 0})
+    tables = report.tables(report.collect(out), "final_valid")
+    assert [dict(t.group) for t in tables] == [
+        {"final": 0.5, "warmup": 6},
+        {"final": 0.5, "warmup": None},
+        {"final": 1.0, "warmup": 6},
+        {"final": 1.0, "warmup": None},
+    ]
+    for t in tables:  # one run per cell: never pooled into a spread over "seeds"
+        assert all(len(c.values) <= 1 for c in t.cells.values())
+    md = report.write_report(out).markdown.read_text()
+    assert "not run yet" in md and "failed" not in md
