@@ -35,6 +35,7 @@ import fcntl
 import itertools
 import json
 import os
+import queue
 import re
 import signal
 import socket
@@ -471,6 +472,7 @@ def execute(
     threads: int | None = None,
     children: _Children | None = None,
     retry_diverged: bool = False,
+    gpus: str | None = None,
 ) -> dict[str, Any]:
     """Train one planned run to its end and record how it ended in its sweep.json; a run that
     another sweep process holds, or that finished or diverged meanwhile, is left alone."""
@@ -483,7 +485,7 @@ def execute(
             return unchanged
         if skip_reason(sweep_dir, entry, retry_diverged, held=True):  # done since the plan
             return {**read_status(run_dir), "index": entry["index"], "name": entry["name"]}
-        return _train(sweep_dir, entry, run_dir, nproc, threads, children)
+        return _train(sweep_dir, entry, run_dir, nproc, threads, children, gpus)
 
 
 def _train(
@@ -493,6 +495,7 @@ def _train(
     nproc: int,
     threads: int | None,
     children: _Children | None,
+    gpus: str | None,
 ) -> dict[str, Any]:
     log = run_dir / "train.log"
     start = log.stat().st_size if log.exists() else 0
@@ -508,6 +511,8 @@ def _train(
     env = dict(os.environ)
     if threads is not None and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(threads)
+    if gpus is not None:  # this run's own GPUs when several runs share the machine
+        env["CUDA_VISIBLE_DEVICES"] = gpus
     cmd = train_command(sweep_dir / entry["config"], run_dir, nproc)
     with open(log, "ab") as fh:
         fh.write(f"$ {' '.join(cmd)}\n".encode())
@@ -623,6 +628,33 @@ def _status_line(entry: dict[str, Any], status: dict[str, Any]) -> str:
 # ---- running a sweep locally -------------------------------------------------------------------
 
 
+def gpu_blocks(parallel: int, nproc: int) -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES for each of `parallel` runs of `nproc` processes (None: no GPUs, or
+    one run at a time, which sees them all as before)."""
+    if parallel == 1:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        devices = [d.strip() for d in visible.split(",") if d.strip()]
+    else:
+        try:
+            listing = subprocess.run(
+                ["nvidia-smi", "-L"], capture_output=True, text=True, check=True, timeout=30
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+        gpus = [ln for ln in listing.splitlines() if ln.startswith("GPU ")]  # not MIG lines
+        devices = [str(i) for i in range(len(gpus))]
+    if not devices:
+        return None
+    if parallel * nproc > len(devices):
+        raise ValueError(
+            f"--parallel {parallel} runs × --gpus-per-run {nproc} need {parallel * nproc} GPUs;"
+            f" {len(devices)} are visible ({','.join(devices)})"
+        )
+    return [",".join(devices[i * nproc : (i + 1) * nproc]) for i in range(parallel)]
+
+
 @dataclass
 class SweepSummary:
     counts: dict[str, int]
@@ -665,6 +697,26 @@ def run_local(
     if not todo:
         return SweepSummary(counts, skipped)
     threads = max(1, (os.cpu_count() or 1) // (parallel * nproc))
+    blocks = gpu_blocks(parallel, nproc)
+    free: queue.Queue[str | None] = queue.Queue()
+    for block in blocks or [None] * parallel:
+        free.put(block)
+
+    def execute_on_free_gpus(entry: dict[str, Any]) -> dict[str, Any]:
+        gpus = free.get()  # one block per worker thread: never two runs on one GPU
+        try:
+            return execute(
+                sweep_dir,
+                entry,
+                nproc=nproc,
+                threads=threads,
+                children=children,
+                retry_diverged=retry_diverged,
+                gpus=gpus,
+            )
+        finally:
+            free.put(gpus)
+
     children = _Children()
     on_main = threading.current_thread() is threading.main_thread()
     previous = (
@@ -677,18 +729,7 @@ def run_local(
     bar = tqdm(total=len(todo), unit="run", desc="sweep", disable=not progress, dynamic_ncols=True)
     pool = ThreadPoolExecutor(max_workers=parallel)
     try:
-        futures = {
-            pool.submit(
-                execute,
-                sweep_dir,
-                e,
-                nproc=nproc,
-                threads=threads,
-                children=children,
-                retry_diverged=retry_diverged,
-            ): e
-            for e in todo
-        }
+        futures = {pool.submit(execute_on_free_gpus, e): e for e in todo}
         for fut in as_completed(futures):
             entry, status = futures[fut], fut.result()
             counts[status["state"]] = counts.get(status["state"], 0) + 1

@@ -9,6 +9,7 @@ import math
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -496,3 +497,30 @@ def test_report_keeps_other_axes_apart_and_unfinished_runs_are_not_failures(tmp_
         assert all(len(c.values) <= 1 for c in t.cells.values())
     md = report.write_report(out).markdown.read_text()
     assert "not run yet" in md and "failed" not in md
+
+
+def test_parallel_runs_get_gpus_of_their_own(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    assert sweep.gpu_blocks(2, 4) == ["0,1,2,3", "4,5,6,7"]
+    assert sweep.gpu_blocks(1, 4) is None  # one run at a time sees every GPU
+    with pytest.raises(ValueError, match="--parallel 3 runs × --gpus-per-run 4 need 12 GPUs; 8"):
+        sweep.gpu_blocks(3, 4)
+    spec = _write_spec(tmp_path, tiny_dict(), {"train.seed": [1, 2, 3, 4, 5, 6]})
+    out = tmp_path / "out"
+    plan = sweep.prepare(spec, out)
+    active, used, clashes, lock = set(), [], [], threading.Lock()
+
+    def fake_execute(sweep_dir, entry, *, gpus, **kwargs):
+        with lock:
+            clashes.append(gpus in active)  # a block another run still trains on
+            active.add(gpus)
+            used.append(gpus)
+        time.sleep(0.05)
+        with lock:
+            active.discard(gpus)
+        return {"state": "done", "seconds": 0}
+
+    monkeypatch.setattr(sweep, "execute", fake_execute)
+    summary = sweep.run_local(out, plan, parallel=2, nproc=4, progress=False)
+    assert summary.counts == {"done": 6} and not any(clashes)
+    assert sorted(set(used)) == ["0,1,2,3", "4,5,6,7"]
