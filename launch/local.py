@@ -66,8 +66,9 @@ def run_forwarding_signals(cmd: list[str]) -> int:
     proc = subprocess.Popen(cmd, start_new_session=True)
 
     def forward(signum: int, _frame) -> None:
+        # a closed terminal (SIGHUP) saves like SIGTERM; torchrun would pass SIGHUP on as is
         with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signum)
+            proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
     previous = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
