@@ -647,11 +647,14 @@ def gpu_blocks(parallel: int, nproc: int) -> list[str] | None:
         devices = [str(i) for i in range(len(gpus))]
     if not devices:
         return None
-    if parallel * nproc > len(devices):
-        raise ValueError(
-            f"--parallel {parallel} runs × --gpus-per-run {nproc} need {parallel * nproc} GPUs;"
-            f" {len(devices)} are visible ({','.join(devices)})"
+    if parallel * nproc > len(devices):  # tiny runs may share GPUs on purpose: say so, go on
+        warnings.warn(
+            f"--parallel {parallel} runs × --gpus-per-run {nproc} need {parallel * nproc} GPUs"
+            f" to have their own; {len(devices)} are visible ({','.join(devices)}), so the runs"
+            " share them",
+            stacklevel=2,
         )
+        return None
     return [",".join(devices[i * nproc : (i + 1) * nproc]) for i in range(parallel)]
 
 
