@@ -110,6 +110,20 @@ def evaluate(
     return results if dist.get_rank() == 0 else None
 
 
+def _at_saved_layout(folder: Path, saved, cfg) -> bool:
+    """Whether each rank can load its own shard as saved: same TP and PP (any DP), and a
+    checkpoint of per-rank files (not ZeRO-3 partitions or a layout-free universal one)."""
+    from megatron_dyt.convert.reshard import is_universal
+
+    s, c = saved.parallel, cfg.parallel
+    return (
+        (s.tensor, s.pipeline) == (c.tensor, c.pipeline)
+        and s.zero_stage < 3
+        and saved.padded_vocab_size == cfg.padded_vocab_size
+        and not is_universal(folder)
+    )
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     tasks: list[str],
@@ -122,9 +136,15 @@ def evaluate_checkpoint(
     """Load a training checkpoint at its layout (or TP=PP=1 in one process) and evaluate it."""
     from megatron_dyt import parallel
     from megatron_dyt.config import config_from_dict, parse_override
+    from megatron_dyt.convert.reshard import rank_weights
     from megatron_dyt.data import Tokenizer
     from megatron_dyt.eval.adapter import make_lm
-    from megatron_dyt.model import LlamaModel, load_full_state_dict, stage_module
+    from megatron_dyt.model import (
+        LlamaModel,
+        load_full_state_dict,
+        load_local_state_dict,
+        stage_module,
+    )
     from megatron_dyt.training import checkpoint as ckpt
     from megatron_dyt.training.engine import precision
 
@@ -166,13 +186,17 @@ def evaluate_checkpoint(
         else torch.device("cpu")
     )
     dtype = precision(cfg)
-    full = ckpt.read_full_state_dict(folder, saved, vocab_rows=cfg.padded_vocab_size)
-    if cfg.parallel.pipeline == 1:
-        module = LlamaModel(cfg)
+    stage = ps.get_pipeline_model_parallel_rank()
+    module = LlamaModel(cfg) if cfg.parallel.pipeline == 1 else stage_module(cfg, stage)
+    if _at_saved_layout(folder, saved, cfg):
+        # every rank reads its own shard only: a 70B model is never whole in one process
+        shard = rank_weights(folder, saved, stage, ps.get_tensor_model_parallel_rank())
+        load_local_state_dict(module, shard)
+        del shard
     else:
-        module = stage_module(cfg, ps.get_pipeline_model_parallel_rank())
-    load_full_state_dict(module, full)
-    del full
+        full = ckpt.read_full_state_dict(folder, saved, vocab_rows=cfg.padded_vocab_size)
+        load_full_state_dict(module, full)
+        del full
     module = module.to(device=device, dtype=dtype).eval()
     tokenizer = Tokenizer(folder / "tokenizer.model")
     lm = make_lm(module, cfg, tokenizer, device, dtype, batch_size)

@@ -173,8 +173,9 @@ def _canonical(local: str, cfg: Config) -> str:
     return _layer_prefix(int(index), cfg.model.num_layers) + rest
 
 
-def _weights(folder: Path, cfg: Config, stage: int, tp_rank: int) -> dict[str, torch.Tensor]:
-    """The model weights one (stage, TP rank) saved, by canonical name, in parameter order."""
+def rank_weights(folder: Path, cfg: Config, stage: int, tp_rank: int) -> dict[str, torch.Tensor]:
+    """The model weights one (stage, TP rank) saved, by canonical name, in parameter order:
+    that rank's shards as they are (a reader at the saved layout needs nothing else)."""
     mp = stage * cfg.parallel.tensor + tp_rank
     if cfg.parallel.pipeline == 1:
         state = _load(folder / f"mp_rank_{mp:02d}_model_states.pt")
@@ -348,7 +349,7 @@ def read_stage(folder: Path, cfg: Config, layout: Layout, stage: int) -> dict[st
     weights_only = bool(_complete(folder).get("weights_only", False))
     shards = []
     for tp_rank in range(layout.tensor):
-        weights = _weights(folder, cfg, stage, tp_rank)
+        weights = rank_weights(folder, cfg, stage, tp_rank)
         if weights_only:
             shards.append(_weights_only(weights, cfg))
         elif layout.optimizer == "torch":

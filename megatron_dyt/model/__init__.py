@@ -5,6 +5,7 @@ from megatron_dyt.model.init import (
     full_state_dict,
     init_weights,
     load_full_state_dict,
+    load_local_state_dict,
 )
 from megatron_dyt.model.llama import (
     EmbeddingStage,
@@ -27,6 +28,7 @@ __all__ = [
     "init_weights",
     "lm_loss",
     "load_full_state_dict",
+    "load_local_state_dict",
     "pipeline_module",
     "stage_layers",
     "stage_module",

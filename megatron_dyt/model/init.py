@@ -110,6 +110,20 @@ def load_full_state_dict(
 
 
 @torch.no_grad()
+def load_local_state_dict(root: nn.Module, local: Mapping[str, torch.Tensor]) -> None:
+    """Copy this rank's own shards (saved at the same TP/PP layout) into its parameters."""
+    for name, param in canonical_parameters(root):
+        if name not in local:
+            raise KeyError(f"tensor '{name}' is missing from the state dict")
+        if local[name].shape != param.shape:
+            raise ValueError(
+                f"tensor '{name}' has shape {list(local[name].shape)} in this rank's shard, the"
+                f" model expects {list(param.shape)}"
+            )
+        param.copy_(local[name])
+
+
+@torch.no_grad()
 def full_state_dict(root: nn.Module, grads: bool = False) -> dict[str, torch.Tensor]:
     """This stage's parameters (or their gradients) as full tensors, gathered over TP."""
     out = {}
