@@ -131,12 +131,12 @@ class MegatronDyTLM(TemplateLM):
     # ---- lm-eval plumbing -----------------------------------------------------------------
     @property
     def eot_token_id(self) -> int:
-        return self.tok.eod
+        return self.tok.eos  # -1 when the tokenizer has none: generation then stops on length
 
     @property
     def prefix_token_id(self) -> int:
         # Like the HF backend: BOS when the tokenizer has one, else end-of-text.
-        return self.tok.bos if self.tok.bos is not None and self.tok.bos >= 0 else self.tok.eod
+        return self.tok.bos if self.tok.bos is not None and self.tok.bos >= 0 else self.tok.eos
 
     @property
     def tokenizer_name(self) -> str:

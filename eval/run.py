@@ -171,7 +171,7 @@ def evaluate_checkpoint(
         for k in keys[:-1]:
             node = node.setdefault(k, {})
         node[keys[-1]] = value
-    cfg = config_from_dict(tree, f"{folder / 'config.yaml'} + overrides")
+    cfg = config_from_dict(tree, f"{folder / 'config.yaml'} + overrides", saved=True)
 
     manager = task_manager()
     check_task_names(tasks, sorted(manager.all_tasks))

@@ -296,7 +296,8 @@ def tables(rows: list[RunRow], metric: str) -> list[WidthTable]:
 
 
 def _order(group: tuple) -> tuple:
-    """A sort key for groups, whose values may mix numbers, text and None (null in the spec)."""
+    """A sort key for groups, whose values may mix numbers, text and None (null in the spec):
+    numbers first, in order, then everything else by its text."""
     return tuple(
         (name, (0, v) if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, str(v)))
         for name, v in group
@@ -406,7 +407,13 @@ def heatmap(t: WidthTable, metric: str, path: Path) -> None:
             if cell is None:
                 label, color = "not run", "#555555"
             elif not cell.values:
-                label = f"diverged\n{cell.diverged}/{cell.runs}" if cell.diverged else "failed"
+                label = (
+                    f"diverged\n{cell.diverged}/{cell.runs}"
+                    if cell.diverged
+                    else "failed"
+                    if cell.failed
+                    else "not run yet"
+                )
                 color = "black"
             else:
                 s = cell.stats

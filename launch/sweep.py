@@ -451,6 +451,12 @@ def _claim(run_dir: Path):
         except BlockingIOError:
             yield False
             return
+        except OSError as exc:  # a file system without flock (some Lustre / NFS mounts)
+            warnings.warn(
+                f"cannot lock '{fh.name}' ({exc.strerror}): two sweep processes on this folder"
+                " could train the same run",
+                stacklevel=3,
+            )
         yield True
 
 
@@ -787,6 +793,7 @@ def array_script(
     gpus_per_run: int = 0,
     python: str | None = None,
     workdir: str | Path | None = None,
+    retry_diverged: bool = False,
 ) -> str:
     """An sbatch script whose array task i trains run i of the sweep (`sweep run-one`)."""
     if not indices:
@@ -817,13 +824,14 @@ def array_script(
         lines.append(f"#SBATCH --cpus-per-task={cpus_per_task}")
     if gpus_per_run:
         lines.append(f"#SBATCH --gpus-per-task={gpus_per_run}")
-    nproc = f" --nproc-per-run {gpus_per_run}" if gpus_per_run > 1 else ""
+    options = f" --nproc-per-run {gpus_per_run}" if gpus_per_run > 1 else ""
+    options += " --retry-diverged" if retry_diverged else ""  # submitted for it: the task must too
     lines += [
         "",
         "set -euo pipefail",
         'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"',
         f"exec {python or sys.executable} -m megatron_dyt sweep run-one {sweep_dir}"
-        f' --index "$SLURM_ARRAY_TASK_ID"{nproc}',
+        f' --index "$SLURM_ARRAY_TASK_ID"{options}',
         "",
     ]
     return "\n".join(lines)
@@ -867,6 +875,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             max_running=args.parallel,
             cpus_per_task=args.cpus_per_task,
             gpus_per_run=args.gpus_per_run or 0,
+            retry_diverged=args.retry_diverged,
         )
         if args.dry_run:
             print(script, end="")

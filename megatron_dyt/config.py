@@ -14,11 +14,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key, the value and what is allowed."""
+
+
+def _saved(info: ValidationInfo) -> bool:
+    """Validating a saved run's config (to resume, evaluate, export or reshard it): rules added
+    after such a run could have been written are notices there, so its checkpoints stay usable."""
+    return bool(info.context and info.context.get("saved"))
+
+
+def _refuse(message: str, info: ValidationInfo) -> None:
+    if not _saved(info):
+        raise ValueError(message)
+    warnings.warn(f"{message} (accepted in a saved run's config)", ConfigNotice, stacklevel=2)
 
 
 class _Section(BaseModel):
@@ -54,15 +66,20 @@ class NormConfig(_Section):
         ]
 
     @model_validator(mode="after")
-    def _check(self) -> NormConfig:
+    def _check(self, info: ValidationInfo) -> NormConfig:
         for key in ("alpha_attn", "alpha_mlp", "alpha_final"):
             value = getattr(self, key)
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{key}={value!r}: α₀ must be a finite number > 0")
-        if self.kind != "dyt" and self.squash != "tanh":
-            used = "Derf always squashes with erf" if self.kind == "derf" else "it has none"
+        if self.kind == "derf" and self.squash != "tanh":
             raise ValueError(
-                f"squash={self.squash!r} applies to kind 'dyt' only, not {self.kind!r}: {used}"
+                f"squash={self.squash!r} applies to kind 'dyt' only; Derf always squashes with erf"
+            )
+        if self.kind in ("rmsnorm", "layernorm") and self.squash != "tanh":
+            _refuse(
+                f"squash={self.squash!r} applies to kind 'dyt' only, not {self.kind!r}, which"
+                " has no squashing function",
+                info,
             )
         if self.eps <= 0:
             raise ValueError(f"eps={self.eps!r}: must be > 0")
@@ -168,12 +185,13 @@ class DataConfig(_Section):
     cache_dir: str = ".cache/megatron-dyt"  # demo corpus, tokenizer and dataset index caches
 
     @model_validator(mode="after")
-    def _check(self) -> DataConfig:
+    def _check(self, info: ValidationInfo) -> DataConfig:
         given = [k for k in ("paths", "tokenizer", "weights") if getattr(self, k)]
         if self.demo and given:
-            raise ValueError(
+            _refuse(
                 f"demo=true trains on the embedded demo corpus, but {' and '.join(given)}"
-                " given too; set data.demo=false to train on them"
+                " given too; set data.demo=false to train on them",
+                info,
             )
         if self.weights is not None:
             if len(self.weights) != len(self.paths):
@@ -361,9 +379,13 @@ def _apply_override(tree: dict[str, Any], path: list[str], value: Any, text: str
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    saved: bool = False,
 ) -> Config:
-    """Load a YAML config (or the defaults) and apply `a.b.c=value` overrides."""
+    """Load a YAML config (or the defaults) and apply `a.b.c=value` overrides; `saved`: a
+    run's own config.yaml, read back (see `_saved`)."""
     tree: dict[str, Any] = {}
     source = "(defaults)"
     if path is not None:
@@ -382,12 +404,14 @@ def load_config(
     for text in overrides:
         key, value = parse_override(text)
         _apply_override(tree, key, value, text)
-    return config_from_dict(tree, source)
+    return config_from_dict(tree, source, saved=saved)
 
 
-def config_from_dict(tree: dict[str, Any], source: str = "(dict)") -> Config:
+def config_from_dict(
+    tree: dict[str, Any], source: str = "(dict)", *, saved: bool = False
+) -> Config:
     try:
-        cfg = Config.model_validate(tree)
+        cfg = Config.model_validate(tree, context={"saved": saved})
     except ValidationError as exc:
         raise ConfigError(_format_error(exc, source)) from None
     if cfg.padded_vocab_size != cfg.model.vocab_size:
@@ -410,6 +434,10 @@ def config_from_dict(tree: dict[str, Any], source: str = "(dict)") -> Config:
 
 class VocabPaddedWarning(UserWarning):
     """The vocabulary was padded for tensor parallelism."""
+
+
+class ConfigNotice(UserWarning):
+    """A saved run's config breaks a rule that new configs must follow."""
 
 
 class ScheduleWarning(UserWarning):

@@ -104,6 +104,24 @@ def test_warmup_default_follows_the_paper():
     assert load_config(None, ["train.warmup_steps=7"]).warmup_steps == 7
 
 
+def test_a_saved_run_config_breaking_a_newer_rule_still_loads(tmp_path):
+    """Rules added after a run was written (demo with paths, squash on RMSNorm) refuse new
+    configs, but the run's own config.yaml still loads, so its checkpoints stay usable."""
+    from megatron_dyt.config import ConfigNotice
+    from megatron_dyt.training.checkpoint import read_config
+
+    tree = load_config(ROOT / "configs/tiny-rmsnorm.yaml").to_dict()
+    tree["data"]["paths"] = ["some/prefix"]
+    tree["model"]["norm"]["squash"] = "sigmoid"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match="demo=true trains on the embedded demo corpus"):
+        load_config(tmp_path / "config.yaml")
+    with pytest.warns(ConfigNotice) as notes:
+        cfg = read_config(tmp_path)
+    assert cfg.data.paths == ["some/prefix"] and len(notes) == 2
+    assert "accepted in a saved run's config" in str(notes[0].message)
+
+
 def test_warmup_longer_than_the_run_is_a_notice_not_an_error():
     with pytest.warns(
         ScheduleWarning, match="train.warmup_steps=30 is more than train.train_steps"

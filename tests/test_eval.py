@@ -172,8 +172,19 @@ def _rolling_and_generate(cfg_dict: dict, tokenizer_path: str) -> dict:
             Instance("generate_until", {}, ("def f(x):\n", {"until": [""], "max_gen_toks": 6}), 1),
         ]
     )
+    empty = []  # the empty context by hand: greedy from the prefix token alone
+    with torch.no_grad():
+        for _ in range(3):
+            logits = model(torch.tensor([[lm.prefix_token_id, *empty]]))[-1, 0]
+            nxt = int(logits[: cfg.model.vocab_size].argmax())
+            if nxt == lm.eot_token_id:
+                break
+            empty.append(nxt)
+            if "\n\n" in lm.tok_decode(empty):
+                break
     return {
         "edge": edge,
+        "empty_manual": lm.tok_decode(empty).split("\n\n")[0],
         "rolling": rolling,
         "direct": direct,
         "generated": generated,
@@ -190,7 +201,7 @@ def test_rolling_windows_and_greedy_generation(corpus, tmp_path):
     assert out["rolling"] == pytest.approx(out["direct"], abs=1e-3)
     assert out["rolling"] < 0 and math.isfinite(out["rolling"])
     assert out["generated"] == out["manual"]
-    assert isinstance(out["edge"][0], str)
+    assert out["edge"][0] == out["empty_manual"]
     assert out["edge"][1].startswith(out["generated"])  # the same tokens, no stop string
 
 

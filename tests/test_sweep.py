@@ -157,6 +157,10 @@ def test_array_script(tmp_path):
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
     with pytest.raises(ValueError, match="no runs to submit"):
         sweep.array_script(tmp_path, [])
+    retry = sweep.array_script(tmp_path / "sw", [3], gpus_per_run=2, retry_diverged=True)
+    assert retry.rstrip().endswith(
+        '--index "$SLURM_ARRAY_TASK_ID" --nproc-per-run 2 --retry-diverged'
+    )
 
 
 def test_slurm_dry_run_prints_script(tmp_path, capsys):

@@ -757,6 +757,7 @@ def reshard_checkpoint(
         tree,
         f"for the target layout (parallel.tensor={tree['parallel']['tensor']},"
         f" parallel.pipeline={tree['parallel']['pipeline']})",
+        saved=True,
     )
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -191,7 +191,7 @@ def resolve(path: str | Path) -> Path:
 def read_config(folder: Path) -> Config:
     from megatron_dyt.config import load_config
 
-    return load_config(folder / "config.yaml")
+    return load_config(folder / "config.yaml", saved=True)
 
 
 def read_full_state_dict(

@@ -81,7 +81,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, allow_config_change: bool) -> No
         raise TrainingError(f"run folder '{run_dir}' is a file; give --run-dir a folder")
     saved = run_dir / "config.yaml"
     if saved.is_file():
-        old = load_config(saved)
+        old = load_config(saved, saved=True)
         ignored = _RESUME_KEYS + (_LAYOUT_KEYS if cfg.resume.reshard else ())
         diff = [d for d in _config_diff(old.to_dict(), cfg.to_dict()) if not d.startswith(ignored)]
         if diff and not allow_config_change:
