@@ -105,7 +105,6 @@ def implementations(
     Parameters are in the activation dtype, as under DeepSpeed bf16 (and F.rms_norm only takes
     its fused path when input and weight dtypes match).
     """
-    triton_norm = _norm(op, hidden, "triton", device, dtype)
     eager = _norm(op, hidden, "torch", device, dtype)
     torch._dynamo.reset()  # each compiled function starts from a clean cache (no recompile limit)
     compiled = torch.compile(eager)
@@ -120,11 +119,11 @@ def implementations(
         norms["liger"] = liger.to(device, dtype)
     if op != "residual_dyt":
         impls = {name: _single(f) for name, f in norms.items()}
-        impls["ours"] = _single(triton_norm)
+        impls["ours"] = ours(op, hidden, device, dtype)
         return impls
     impls = {name: _add_then(f) for name, f in norms.items()}
     impls["compile"] = torch.compile(_add_then(eager))  # the add is fused by Inductor too
-    impls["ours"] = triton_norm.forward_residual
+    impls["ours"] = ours(op, hidden, device, dtype)
     return impls
 
 
@@ -425,7 +424,7 @@ HEADER = (
 
 
 def _format_row(row: Row) -> str:
-    shape = "x".join(map(str, row.shape))
+    shape = _shape(row.shape)
     graph = "—" if row.graph_us is None else f"{row.graph_us:.1f}"
     graph_pct = "—" if row.graph_us is None else f"{100 * row.floor_us / row.graph_us:.1f}%"
     return (

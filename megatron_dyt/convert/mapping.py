@@ -142,6 +142,15 @@ def _hf_order(names: Mapping[str, Any]) -> list[str]:
     return sorted(names, key=key)
 
 
+def fit_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """Cut or zero-pad the padding rows of a vocab-sized tensor (TP changes the padding)."""
+    if tensor.shape[0] == rows:
+        return tensor
+    if tensor.shape[0] > rows:
+        return tensor[:rows]
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
+
+
 def from_hf_state_dict(
     hf: Mapping[str, torch.Tensor], cfg: Config, source: str
 ) -> dict[str, torch.Tensor]:
@@ -175,10 +184,7 @@ def from_hf_state_dict(
     full: dict[str, torch.Tensor] = {}
     for ours, name in simple_names(cfg):
         tensor = hf[name]
-        if name in vocab_rows and tensor.shape[0] < cfg.padded_vocab_size:
-            pad = tensor.new_zeros(cfg.padded_vocab_size - tensor.shape[0], tensor.shape[1])
-            tensor = torch.cat([tensor, pad])
-        full[ours] = tensor[: cfg.padded_vocab_size] if name in vocab_rows else tensor
+        full[ours] = fit_rows(tensor, cfg.padded_vocab_size) if name in vocab_rows else tensor
     d, kv, q_per_kv, h = m.head_dim, m.kv_heads, m.num_heads // m.kv_heads, m.hidden_size
     for i in range(m.num_layers):
         ours, name = f"layers.{i}.", f"model.layers.{i}."

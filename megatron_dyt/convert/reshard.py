@@ -27,6 +27,7 @@ import torch
 
 from megatron_dyt.arguments import positive_int
 from megatron_dyt.config import Config, config_from_dict
+from megatron_dyt.convert.mapping import fit_rows
 from megatron_dyt.training.checkpoint import (
     COMPLETE,
     LATEST,
@@ -523,18 +524,9 @@ def universal_of(folder: Path, progress: bool = True) -> Path:
 # ---- loading the universal form into an engine ---------------------------------------------------
 
 
-def _fit_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
-    """Cut or zero-pad the padding rows of a vocab-sized tensor (TP changes the padding)."""
-    if tensor.shape[0] == rows:
-        return tensor
-    if tensor.shape[0] > rows:
-        return tensor[:rows]
-    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
-
-
 def fit_vocab_rows(full: dict[str, Any], rows: int) -> dict[str, Any]:
     """`full` with its vocabulary-sized tensors cut or zero-padded to `rows` rows."""
-    return {k: _fit_rows(v, rows) if k in _VOCAB_TENSORS else v for k, v in full.items()}
+    return {k: fit_rows(v, rows) if k in _VOCAB_TENSORS else v for k, v in full.items()}
 
 
 def _collective_check(problems: list[str]) -> None:
@@ -602,7 +594,7 @@ def load_universal(
             value = record[key]
             if value is not None:
                 if name in _VOCAB_TENSORS:
-                    value = _fit_rows(value, rows)
+                    value = fit_rows(value, rows)
                 if is_sharded(param):
                     value = split_shard(
                         value, param.partition_dim, param.partition_stride, rank, size
