@@ -384,13 +384,13 @@ class Tuning:
     fwd_tile: int = 4096  # elements per forward program (BLOCK_M·BLOCK_N): 32 per thread
     fwd_flat: int = 0  # 1: the flattened forward kernel (fwd_tile elements per program)
     fwd_max_block_n: int = 2048
-    fwd_warps: int = 4
+    fwd_warps: int = 8
     bwd_tile: int = 2048  # elements per backward loop step: 16 per thread
     bwd_max_block_n: int = 256  # narrow column tiles: parallelism without bigger partials
-    bwd_warps: int = 4
+    bwd_warps: int = 8
     bwd_programs_per_sm: int = 8
     bwd_min_rows: int = 64  # rows per program at least, so the partials stay ~2% of traffic
-    bwd_stages: int = 0  # software-pipelining depth of the backward's row loop; 0: compiler's
+    bwd_stages: int = 3  # software-pipelining depth of the backward's row loop; 0: compiler's
     sm_count: int = 0  # 0: ask the GPU
     finish_block_n: int = 1024  # columns per program of the second reduction stage
 
