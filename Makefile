@@ -6,14 +6,20 @@ STAMP  := $(VENV)/.installed
 # CI pins the CPU build of torch that lies on local disk; on a GPU machine with torch already
 # installed, set TORCH_SPEC= (empty) to keep the existing build.
 TORCH_SPEC ?= torch==2.13.0
+# Every package's exact version, as CI last passed with it (`make lock` writes it). Installs
+# resolve against it, so a fresh machine gets what was tested, not what the registry serves today.
+LOCK   := constraints.txt
+# Without TORCH_SPEC the machine's own torch build is kept: its line is left out of the lock.
+LOCK_USED := $(if $(TORCH_SPEC),$(LOCK),$(VENV)/constraints-no-torch.txt)
 
-.PHONY: install demo sweep-demo test lint clean
+.PHONY: install demo sweep-demo test lint lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(if $(TORCH_SPEC),$(PY) -m pip install -q "$(TORCH_SPEC)")
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev]"
+	$(if $(TORCH_SPEC),,grep -v '^torch==' $(LOCK) >$(LOCK_USED))
+	$(PY) -m pip install -q -c $(LOCK_USED) --upgrade pip
+	$(if $(TORCH_SPEC),$(PY) -m pip install -q -c $(LOCK_USED) "$(TORCH_SPEC)")
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c $(LOCK_USED) -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -39,6 +45,22 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# Re-resolve every dependency from pyproject.toml's ranges in a scratch venv and write the lock.
+# Then `make test` (it reinstalls from the new lock) and commit pyproject.toml and constraints.txt
+# together; raise pyproject's upper bounds to what was tested when a newer release is wanted.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	$(if $(TORCH_SPEC),.venv-lock/bin/python -m pip install -q "$(TORCH_SPEC)")
+	DS_BUILD_OPS=0 .venv-lock/bin/python -m pip install -q -e ".[dev]"
+	{ echo "# Exact versions of every package, written by \`make lock\` on $$(date -u +%F) with"; \
+	  echo "# $$(.venv-lock/bin/python -V) on $$(uname -m): what \`make install\` resolves against."; \
+	  echo "# torch's local build label (+cpu, +cu130) is dropped so the line matches any build."; \
+	  .venv-lock/bin/python -m pip freeze --all --exclude-editable \
+	    | sed -E 's/^(torch==[^+]*)\+.*/\1/' | LC_ALL=C sort -f; } >$(LOCK)
+	rm -rf .venv-lock
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from megatron_dyt import __version__
 from megatron_dyt.arguments import positive_int
 
 
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="megatron-dyt",
         description="Tensor/pipeline-parallel LLaMA pretraining with DyT, Derf and RMSNorm norms.",
     )
+    parser.add_argument("--version", action="version", version=f"megatron-dyt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = sub.add_parser(

@@ -10,14 +10,17 @@ from __future__ import annotations
 import difflib
 import math
 import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
+from megatron_dyt.errors import MegatronDyTError
 
-class ConfigError(ValueError):
+
+class ConfigError(MegatronDyTError, ValueError):
     """A config that cannot be used; the message names the key, the value and what is allowed."""
 
 
@@ -45,7 +48,7 @@ NormBackend = Literal["torch", "triton"]
 
 
 class NormConfig(_Section):
-    """Which normalization every site of the model gets (DESIGN.md §1)."""
+    """Which normalization every site of the model gets (docs/design.md §1)."""
 
     kind: NormKind = "rmsnorm"
     # DyT/Derf α₀ per site; the paper's LLaMA recipe: attention uses α₀ᵃᵗᵗⁿ, mlp and final α₀ᵒᵗʰᵉʳ.
@@ -340,7 +343,26 @@ def _format_error(exc: ValidationError, source: str) -> str:
     return f"invalid config {source}:\n  " + "\n  ".join(lines)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
+def apply_overrides(
+    tree: dict[str, Any], overrides: Iterable[str] | Mapping[str, Any]
+) -> dict[str, Any]:
+    """Set dotted keys in a config tree (a plain dict, before validation), in place; returns it.
+
+    `overrides` is either `KEY=VALUE` texts (the command line: VALUE is YAML) or a mapping of
+    dotted keys to values (a sweep's axes). Every key is checked against the config's schema, so a
+    typo fails here with the nearest valid key; values are checked when the tree is validated.
+    """
+    items = (
+        [(key, value, f"{key}={value}") for key, value in overrides.items()]
+        if isinstance(overrides, Mapping)
+        else [(*_split(text), text) for text in overrides]
+    )
+    for key, value, text in items:
+        _set_key(tree, str(key).split("."), value, text)
+    return tree
+
+
+def _split(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not KEY=VALUE (e.g. model.norm.alpha_attn=0.5)")
     key, _, raw = text.partition("=")
@@ -351,10 +373,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.problem})") from None
-    return key.split("."), value
+    return key, value
 
 
-def _apply_override(tree: dict[str, Any], path: list[str], value: Any, text: str) -> None:
+def _set_key(tree: dict[str, Any], path: list[str], value: Any, text: str) -> None:
     model: type[BaseModel] | None = Config
     node = tree
     for i, part in enumerate(path):
@@ -401,9 +423,7 @@ def load_config(
             raise ConfigError(
                 f"config file '{path}' must hold a mapping, got {type(tree).__name__}"
             )
-    for text in overrides:
-        key, value = parse_override(text)
-        _apply_override(tree, key, value, text)
+    apply_overrides(tree, overrides)
     return config_from_dict(tree, source, saved=saved)
 
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from megatron_dyt import __version__
 from megatron_dyt.config import Config
 from megatron_dyt.norms import describe_norm
 
@@ -164,6 +165,7 @@ def summarize(cfg: Config, gpus: int | None = None) -> dict:
     embedding = sum(p.numel() for p in model.embedding.parameters())
     output = sum(p.numel() for p in model.output.parameters())
     return {
+        "version": __version__,
         "name": m.name,
         "parameters": total,
         "parameters_per_gpu": max(stage_params),

@@ -1,7 +1,7 @@
 """Process groups and the tensor-parallel bookkeeping the model and trainer share.
 
 megatron-core's `parallel_state` owns the groups; its default order (TP fastest, then DP, then
-PP) is the order DeepSpeed's `PipeModelDataParallelTopology` uses too (DESIGN.md §3).
+PP) is the order DeepSpeed's `PipeModelDataParallelTopology` uses too (docs/design.md §3).
 """
 
 from __future__ import annotations

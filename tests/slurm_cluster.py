@@ -1,4 +1,4 @@
-"""A real two-node SLURM cluster on localhost for the launch tests (DESIGN.md §8).
+"""A real two-node SLURM cluster on localhost for the launch tests (docs/design.md §8).
 
 munged, slurmctld and two slurmd (`-N n1`, `-N n2`, ports 17001-17002) run as root from a
 temporary folder; clients find them through SLURM_CONF. Every daemon is stopped by its pid

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from megatron_dyt.config import Config, config_from_dict, load_config
+from megatron_dyt.config import Config, apply_overrides, config_from_dict, load_config
 from megatron_dyt.convert.mapping import (
     OUR_CONFIG_KEY,
     ConvertError,
@@ -109,7 +109,7 @@ def target_config(
     if config is not None:
         tree = load_config(config, overrides).to_dict()
     else:
-        tree = _apply(base, overrides)
+        tree = apply_overrides(base, overrides)
     tree.setdefault("parallel", {})
     tree["parallel"].update(tensor=tp, pipeline=pp)
     if pp > 1 and tree["parallel"].get("zero_stage", 1) > 1:
@@ -149,18 +149,6 @@ def target_config(
             f" vocab_size={hf['vocab_size']} ({hf_dir / 'config.json'}); rows would be lost"
         )
     return source, target_cfg
-
-
-def _apply(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    from megatron_dyt.config import parse_override
-
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = tree
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    return tree
 
 
 def _describe(hf_dir: Path, config: str | Path | None) -> str:

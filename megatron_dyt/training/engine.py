@@ -1,6 +1,6 @@
 """The DeepSpeed engine, built from the project config (the DeepSpeed JSON is generated here).
 
-Order matters (DESIGN.md §3): process groups → megatron `parallel_state` → model (a
+Order matters (docs/design.md §3): process groups → megatron `parallel_state` → model (a
 PipelineModule builds its layers in its constructor) → weights → `deepspeed.initialize`.
 """
 

@@ -1,6 +1,6 @@
 """What a run reports: metrics.jsonl, TensorBoard, optional W&B, throughput/MFU and norm stats.
 
-DyT's behaviour is made visible, not just trained (DESIGN.md §1): per norm layer, its α, the
+DyT's behaviour is made visible, not just trained (docs/design.md §1): per norm layer, its α, the
 std of its input (the paper: learned α tracks 1/std) and the fraction of inputs in tanh's flat
 tails, |α·x| > 2 (tanh(2) = 0.96), where the gradient through the squash is nearly zero.
 """

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_dyt import parallel
+from megatron_dyt import __version__, parallel
 from megatron_dyt.config import Config, load_config
 from megatron_dyt.convert.reshard import run_layout
 from megatron_dyt.training import checkpoint
@@ -59,7 +59,13 @@ class TrainResult:
 def write_status(run_dir: Path, state: str, step: int, total_steps: int, **extra: Any) -> None:
     """`status.json`: how this invocation ended ("finished", "stopped" early with a checkpoint
     to resume from, or "diverged"), for SLURM requeue logic and sweep bookkeeping."""
-    record = {"state": state, "step": step, "train_steps": total_steps, "time": time.time()}
+    record = {
+        "state": state,
+        "step": step,
+        "train_steps": total_steps,
+        "time": time.time(),
+        "version": __version__,
+    }
     record.update({k: v for k, v in extra.items() if v is not None})
     checkpoint.atomic_write(run_dir / "status.json", json.dumps(record) + "\n")
 

@@ -24,7 +24,7 @@ import yaml
 
 from megatron_dyt.launch.sweep import load_plan, read_status
 
-# The DyT paper's optimal (α₀ᵃᵗᵗⁿ, α₀ᵒᵗʰᵉʳ) per width, tuned at 30B tokens (DESIGN.md §1).
+# The DyT paper's optimal (α₀ᵃᵗᵗⁿ, α₀ᵒᵗʰᵉʳ) per width, tuned at 30B tokens (docs/design.md §1).
 PAPER_OPTIMA = {1024: (1.0, 1.0), 2048: (1.0, 0.5), 4096: (0.8, 0.2), 8192: (0.2, 0.05)}
 METRICS = {
     "final_valid": "final validation loss",

@@ -135,7 +135,7 @@ def evaluate_checkpoint(
 ) -> EvalOutput:
     """Load a training checkpoint at its layout (or TP=PP=1 in one process) and evaluate it."""
     from megatron_dyt import parallel
-    from megatron_dyt.config import config_from_dict, parse_override
+    from megatron_dyt.config import apply_overrides, config_from_dict
     from megatron_dyt.convert.reshard import rank_weights
     from megatron_dyt.data import Tokenizer
     from megatron_dyt.eval.adapter import make_lm
@@ -165,12 +165,7 @@ def evaluate_checkpoint(
     if world == 1:
         layout.update(tensor=1, pipeline=1)
     layout.update(zero_stage=0, sequence_parallel=False)
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = tree
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
+    apply_overrides(tree, overrides)
     cfg = config_from_dict(tree, f"{folder / 'config.yaml'} + overrides", saved=True)
 
     manager = task_manager()

@@ -53,7 +53,7 @@ from typing import Any
 import yaml
 
 from megatron_dyt.arguments import positive_int
-from megatron_dyt.config import Config, ConfigError, _apply_override, config_from_dict
+from megatron_dyt.config import Config, ConfigError, apply_overrides, config_from_dict
 
 STATES = ("pending", "running", "done", "failed", "diverged")
 DIVERGED_MARK = "training diverged"  # what the trainer's TrainingError says on a NaN/Inf loss
@@ -259,11 +259,10 @@ def _load_base(spec: SweepSpec) -> dict[str, Any]:
 def run_config(base_tree: dict[str, Any], run: Run, base_name: str = "(defaults)") -> Config:
     """The validated config of one run; errors name the run."""
     tree = copy.deepcopy(base_tree)
-    for key, value in run.settings.items():
-        try:
-            _apply_override(tree, str(key).split("."), value, f"{key}={value}")
-        except ConfigError as exc:
-            raise ConfigError(f"sweep run {run.index} '{run.name}': {exc}") from None
+    try:
+        apply_overrides(tree, {str(key): value for key, value in run.settings.items()})
+    except ConfigError as exc:
+        raise ConfigError(f"sweep run {run.index} '{run.name}': {exc}") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # vocab padding notes, once per run, are noise here
         return config_from_dict(tree, f"of sweep run {run.index} '{run.name}' (base {base_name})")

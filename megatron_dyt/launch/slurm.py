@@ -57,7 +57,7 @@ class SlurmError(ValueError):
 
 def git_revision() -> str:
     """The project's git commit (+"-dirty"), or "unknown" outside a checkout."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     try:
         rev = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],

@@ -1,0 +1,19 @@
+"""The errors the `megatron-dyt` command reports as one line, without a traceback.
+
+Every error about what the user gave (a config, data, a checkpoint, the command line, the
+cluster) derives from `MegatronDyTError` and says what was wrong and what is allowed. The CLI
+prints it and exits with `exit_code`; any other exception is a bug and keeps its traceback.
+Subclasses also derive from the built-in type callers used to catch (`ValueError`, ...).
+"""
+
+from __future__ import annotations
+
+
+class MegatronDyTError(Exception):
+    """Bad input, reported as one line: `megatron-dyt: error: <message>`."""
+
+    exit_code = 2
+
+
+class UsageError(MegatronDyTError, ValueError):
+    """A command-line value, or a combination of them, that cannot work."""
