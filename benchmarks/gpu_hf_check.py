@@ -23,8 +23,8 @@ def main(out_json: str) -> int:
     from transformers import AutoModelForCausalLM
 
     from megatron_dyt import parallel
+    from megatron_dyt.checkpoint import write_checkpoint
     from megatron_dyt.convert.to_hf import export_to_hf
-    from megatron_dyt.convert.writer import write_checkpoint
     from megatron_dyt.kernels.bench_step import variant_config
     from megatron_dyt.model import LlamaModel, full_state_dict, init_weights
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from megatron_dyt import __version__
 from megatron_dyt.arguments import positive_int
+from megatron_dyt.errors import MegatronDyTError, UsageError
 
 
 def _quiet_imports() -> None:
@@ -54,7 +55,7 @@ def _smoke_test(cfg, parameters: int) -> dict:
     from megatron_dyt.model import LlamaModel, init_weights
 
     if parameters > 2_000_000_000:
-        raise ValueError(
+        raise UsageError(
             f"--build materialises the model on this CPU; {parameters:,} parameters is too many"
             " (allowed: up to 2,000,000,000)"
         )
@@ -101,7 +102,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from megatron_dyt.eval.suites import expand
 
     if args.tasks and args.suite:
-        raise ValueError("give either --tasks or --suite, not both")
+        raise UsageError("give either --tasks or --suite, not both")
     tasks = expand(args.tasks, args.suite or (None if args.tasks else "offline"))
     batch = args.batch_size if args.batch_size == "auto" else _positive_int(args.batch_size)
     out = evaluate_checkpoint(
@@ -124,7 +125,7 @@ def _positive_int(text: str) -> int:
     except ValueError:
         value = 0
     if value < 1:
-        raise ValueError(f"--batch-size {text!r}: expected a positive integer or 'auto'")
+        raise UsageError(f"--batch-size {text!r}: expected a positive integer or 'auto'")
     return value
 
 
@@ -238,21 +239,14 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides += extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from megatron_dyt.config import ConfigError
-
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"megatron-dyt: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        from megatron_dyt.training.trainer import TrainingError
-
-        if not isinstance(exc, TrainingError):
-            raise
+    except MegatronDyTError as exc:  # bad input: one line, no traceback
         print(f"megatron-dyt: error: {exc}", file=sys.stderr)
-        return 1
-    except (ValueError, KeyError, OSError) as exc:  # bad input or files: one line, no traceback
+        return exc.exit_code
+    except OSError as exc:
+        if exc.filename is None:  # not about a path the user gave: a bug, show it all
+            raise
         print(f"megatron-dyt: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -232,7 +232,7 @@ class ResumeConfig(_Section):
     """How a run folder's latest checkpoint is resumed (not part of the run's identity)."""
 
     # Resume a checkpoint saved at another TP/PP/DP/ZeRO layout: weights, Adam moments and step
-    # are converted to this run's layout while loading (megatron_dyt/convert/reshard.py).
+    # are converted to this run's layout while loading (megatron_dyt/checkpoint/universal.py).
     reshard: bool = False
 
 

@@ -17,3 +17,16 @@ class MegatronDyTError(Exception):
 
 class UsageError(MegatronDyTError, ValueError):
     """A command-line value, or a combination of them, that cannot work."""
+
+
+class DataError(MegatronDyTError, ValueError):
+    """Input data or a tokenizer that cannot be used; the message names the file, the line and
+    what is wrong."""
+
+
+class EvalError(MegatronDyTError, ValueError):
+    """An evaluation request that cannot run (unknown task, missing dataset, bad layout)."""
+
+
+class WeightsError(MegatronDyTError, ValueError):
+    """Weights that do not fit the model: a tensor missing, or of the wrong shape."""

@@ -22,6 +22,7 @@ from torch import nn
 
 from megatron_dyt import __version__
 from megatron_dyt.config import Config
+from megatron_dyt.layout import data_parallel_size
 from megatron_dyt.norms import describe_norm
 
 GIB = 1024**3
@@ -153,12 +154,7 @@ def summarize(cfg: Config, gpus: int | None = None) -> dict:
     model_parallel = cfg.parallel.tensor * cfg.parallel.pipeline
     if gpus is None:
         gpus = 8 if 8 % model_parallel == 0 else model_parallel
-    if gpus % model_parallel:
-        raise ValueError(
-            f"--gpus {gpus} is not a multiple of parallel.tensor × parallel.pipeline ="
-            f" {model_parallel}"
-        )
-    dp = gpus // model_parallel
+    dp = data_parallel_size(cfg.parallel, gpus, what=f"--gpus {gpus}")
     stage_params = _stage_param_counts(model, cfg)
     mem = memory_estimate(cfg, stage_params, dp)
     m = cfg.model

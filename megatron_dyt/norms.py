@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_dyt.config import NormBackend, NormConfig, NormSite
+from megatron_dyt.errors import UsageError
 
 
 class NormBackendNotice(UserWarning):
@@ -52,7 +53,7 @@ def _use_kernels(backend: NormBackend, x: torch.Tensor) -> bool:
         return False
     if x.device.type == "cuda":
         if _kernels is None:
-            raise RuntimeError(
+            raise UsageError(
                 f"model.norm.backend='triton' but the Triton kernels cannot be imported"
                 f" ({_kernels_error}); install triton or set model.norm.backend=torch"
             )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -41,14 +40,10 @@ def initialize_model_parallel(parallel: ParallelConfig) -> None:
     """Create the TP/PP/DP groups for this job's layout (world = TP × PP × DP)."""
     from megatron.core import parallel_state
 
+    from megatron_dyt.layout import data_parallel_size
+
     world = dist.get_world_size()
-    model_parallel = parallel.tensor * parallel.pipeline
-    if world % model_parallel:
-        raise ValueError(
-            f"world size {world} is not divisible by parallel.tensor × parallel.pipeline ="
-            f" {parallel.tensor} × {parallel.pipeline}; launch a multiple of {model_parallel}"
-            " processes"
-        )
+    data_parallel_size(parallel, world, what=f"the job's {world} processes")
     if parallel_state.model_parallel_is_initialized():
         if (
             parallel_state.get_tensor_model_parallel_world_size() == parallel.tensor
@@ -93,9 +88,10 @@ def tp_size() -> int:
 
 # ---- tensor-parallel attributes ----------------------------------------------------------------
 # A sharded parameter carries megatron-core's attributes `tensor_model_parallel`,
-# `partition_dim` and `partition_stride`; DeepSpeed's and megatron's grad-norm code read them to
-# count each shard once. Everything else is replicated over TP and carries `sequence_parallel`
-# when its gradient must be summed over the TP group.
+# `partition_dim` and `partition_stride` (set from the sharding table, `model/sharding.py`);
+# DeepSpeed's and megatron's grad-norm code read them to count each shard once. Everything else
+# is replicated over TP and carries `sequence_parallel` when its gradient must be summed over the
+# TP group.
 
 
 def mark_sharded(param: torch.Tensor, dim: int, stride: int = 1) -> None:
@@ -132,36 +128,6 @@ def _sum_over_tensor_parallel(grad: torch.Tensor) -> torch.Tensor:
     grad = grad.clone()
     dist.all_reduce(grad, group=group)
     return grad
-
-
-def split_shard(full: torch.Tensor, dim: int, stride: int, rank: int, size: int) -> torch.Tensor:
-    """This rank's slice of a full tensor, the way megatron-core lays strided shards out.
-
-    With stride s the tensor is s blocks along `dim` (e.g. [gate; up]); each block is cut into
-    `size` pieces and rank r takes piece r of every block.
-    """
-    if full.shape[dim] % (stride * size):
-        raise ValueError(
-            f"dimension {dim} of size {full.shape[dim]} cannot be split into {stride} × {size} parts"
-        )
-    pieces = torch.chunk(full, stride * size, dim=dim)
-    return torch.cat(pieces[rank::size], dim=dim)
-
-
-def merge_shards(shards: Sequence[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
-    """Inverse of `split_shard`: the full tensor from every rank's slice, in rank order."""
-    per_rank = [torch.chunk(s, stride, dim=dim) for s in shards]
-    return torch.cat([per_rank[r][b] for b in range(stride) for r in range(len(shards))], dim=dim)
-
-
-def gather_full(tensor: torch.Tensor, like: torch.Tensor, group=None) -> torch.Tensor:
-    """All-gather a TP-sharded tensor (a parameter or its gradient) into the full tensor."""
-    if not is_sharded(like):
-        return tensor
-    group = group if group is not None else tp_group()
-    shards = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(shards, tensor.contiguous(), group=group)
-    return merge_shards(shards, like.partition_dim, like.partition_stride)
 
 
 def init_deepspeed_comm() -> None:

@@ -107,8 +107,8 @@ def test_warmup_default_follows_the_paper():
 def test_a_saved_run_config_breaking_a_newer_rule_still_loads(tmp_path):
     """Rules added after a run was written (demo with paths, squash on RMSNorm) refuse new
     configs, but the run's own config.yaml still loads, so its checkpoints stay usable."""
+    from megatron_dyt.checkpoint import read_config
     from megatron_dyt.config import ConfigNotice
-    from megatron_dyt.training.checkpoint import read_config
 
     tree = load_config(ROOT / "configs/tiny-rmsnorm.yaml").to_dict()
     tree["data"]["paths"] = ["some/prefix"]

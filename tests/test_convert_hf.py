@@ -14,12 +14,13 @@ import pytest
 import torch
 from common import tiny_dict, train_dict, train_worker
 
+from megatron_dyt import checkpoint as ckpt
+from megatron_dyt.checkpoint import write_checkpoint
+from megatron_dyt.checkpoint.reader import read_meta
 from megatron_dyt.config import config_from_dict
 from megatron_dyt.convert.from_hf import import_from_hf
-from megatron_dyt.convert.reshard import read_meta, reshard_checkpoint
+from megatron_dyt.convert.reshard import reshard_checkpoint
 from megatron_dyt.convert.to_hf import export_to_hf
-from megatron_dyt.convert.writer import write_checkpoint
-from megatron_dyt.training import checkpoint as ckpt
 
 # Logits of the same fp32 weights through our model and through transformers differ only by the
 # order of floating-point sums (fused QKV / gate-up GEMMs vs separate ones, SDPA with a causal
@@ -45,12 +46,12 @@ def _random_full(cfg) -> dict[str, torch.Tensor]:
     """Every weight of `cfg`'s model, random (norm parameters too, so none is left at init)."""
     from megatron_dyt.info import build_meta_model
     from megatron_dyt.model import canonical_parameters
-    from megatron_dyt.model.init import full_shape
+    from megatron_dyt.model.sharding import full_shape
 
     gen = torch.Generator().manual_seed(0)
     out = {}
     for name, param in canonical_parameters(build_meta_model(cfg)):
-        shape = full_shape(param, 1)
+        shape = full_shape(name, param.shape, 1)
         out[name] = torch.randn(shape, generator=gen) * (0.3 if len(shape) == 1 else 0.05)
         if name.endswith(("alpha", "scale", "norm.weight")):
             out[name] = out[name].abs() + 0.5

@@ -228,7 +228,7 @@ def test_attention_keeps_no_view_of_the_fused_qkv_output_for_the_backward():
 def test_trainable_by_name_is_what_the_model_trains(learnable):
     # Resharding decides from names alone which parameters have optimizer state.
     from megatron_dyt.model import canonical_parameters
-    from megatron_dyt.training.optimizer import is_trainable
+    from megatron_dyt.model.groups import is_trainable
 
     cfg = tiny("derf")
     cfg = cfg.model_copy(

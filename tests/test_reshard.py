@@ -13,15 +13,13 @@ import yaml
 from common import train_dict
 from common import train_worker as _train
 
+from megatron_dyt.checkpoint import CheckpointError, read_full_state_dict
+from megatron_dyt.checkpoint.format import UNIVERSAL_PARAMS as PARAMS
+from megatron_dyt.checkpoint.reader import read_meta
+from megatron_dyt.checkpoint.universal import convert_to_universal
 from megatron_dyt.cli import main
 from megatron_dyt.config import config_from_dict, load_config
-from megatron_dyt.convert.reshard import (
-    PARAMS,
-    convert_to_universal,
-    read_meta,
-    reshard_checkpoint,
-)
-from megatron_dyt.training.checkpoint import CheckpointError, read_full_state_dict
+from megatron_dyt.convert.reshard import reshard_checkpoint
 from megatron_dyt.training.trainer import TrainingError, _check_resume_layout, prepare_run_dir
 
 N = 10  # steps before the reshard and after it (the 10 + 10)
@@ -245,7 +243,7 @@ def test_shapes_that_do_not_match_the_config(source, tmp_path, capsys):
 
 
 def test_data_position_is_kept_in_global_samples(tmp_path):
-    from megatron_dyt.convert.reshard import _client_state
+    from megatron_dyt.checkpoint.universal import _client_state
 
     meta = {
         "step": 10,

@@ -199,8 +199,8 @@ def import_from_hf(
     """
     import shutil
 
+    from megatron_dyt.checkpoint import write_checkpoint
     from megatron_dyt.convert.outdir import finish_out_dir, prepare_out_dir
-    from megatron_dyt.convert.writer import write_checkpoint
 
     hf_dir, out = Path(hf_dir), Path(out)
     if not hf_dir.is_dir():

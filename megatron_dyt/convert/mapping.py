@@ -22,6 +22,8 @@ from typing import Any
 import torch
 
 from megatron_dyt.config import Config
+from megatron_dyt.errors import MegatronDyTError
+from megatron_dyt.model.sharding import fit_rows
 
 #: `model_type` of exports whose norms are not stock LLaMA's (custom modeling code).
 CUSTOM_MODEL_TYPE = "megatron_dyt_llama"
@@ -36,7 +38,7 @@ _NORM_SITES = {
 }
 
 
-class ConvertError(ValueError):
+class ConvertError(MegatronDyTError, ValueError):
     """Input a conversion cannot use; the message names the file, key or tensor."""
 
 
@@ -140,15 +142,6 @@ def _hf_order(names: Mapping[str, Any]) -> list[str]:
         return (0 if "embed" in name else 2, 0, name)
 
     return sorted(names, key=key)
-
-
-def fit_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
-    """Cut or zero-pad the padding rows of a vocab-sized tensor (TP changes the padding)."""
-    if tensor.shape[0] == rows:
-        return tensor
-    if tensor.shape[0] > rows:
-        return tensor[:rows]
-    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
 
 
 def from_hf_state_dict(

@@ -126,7 +126,7 @@ def export_to_hf(
     """Merge a checkpoint's TP shards, PP stages (and ZeRO partitions) into a HF folder."""
     from safetensors.torch import save_file
 
-    from megatron_dyt.training import checkpoint as ckpt
+    from megatron_dyt import checkpoint as ckpt
 
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype!r}: allowed: {', '.join(DTYPES)}")
@@ -162,7 +162,7 @@ def export_to_hf(
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         config = hf_config(cfg, torch_dtype)
-        step = json.loads((folder / ckpt.COMPLETE).read_text()).get("step")
+        step = ckpt.read_complete(folder).get("step")
         config["megatron_dyt_source"] = {"checkpoint": str(folder), "step": step}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         generation = {"bos_token_id": 1, "eos_token_id": 2}

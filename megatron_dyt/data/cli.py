@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from megatron_dyt.arguments import positive_int
+from megatron_dyt.errors import UsageError
 
 DEFAULT_CACHE_DIR = ".cache/megatron-dyt"  # the default of data.cache_dir
 
@@ -109,7 +110,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from megatron_dyt.data.tokenizer import Tokenizer
 
     if args.workers < 1:
-        raise ValueError(f"--workers {args.workers}: must be at least 1")
+        raise UsageError(f"--workers {args.workers}: must be at least 1")
     summary = preprocess(
         args.inputs,
         Tokenizer(args.tokenizer),

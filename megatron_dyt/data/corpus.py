@@ -25,6 +25,7 @@ from pathlib import Path
 
 from megatron_dyt.data.preprocess import preprocess
 from megatron_dyt.data.tokenizer import Tokenizer, train_tokenizer
+from megatron_dyt.errors import DataError
 
 DEMO_BUDGET_BYTES = 6_000_000
 # Bump when the corpus recipe changes, so existing caches are rebuilt.
@@ -59,7 +60,7 @@ def stdlib_documents(budget_bytes: int = DEMO_BUDGET_BYTES) -> list[tuple[str, s
     """(relative path, source text) of standard-library modules, sorted by path, within budget."""
     root = Path(sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
-        raise ValueError(
+        raise DataError(
             f"the demo corpus needs the Python standard library sources, but '{root}' is not a"
             " folder; use data.paths with your own preprocessed data instead"
         )
@@ -80,7 +81,7 @@ def stdlib_documents(budget_bytes: int = DEMO_BUDGET_BYTES) -> list[tuple[str, s
             documents.append((rel.as_posix(), text))
             used += size
     if not documents:
-        raise ValueError(f"no Python sources found under '{root}' for the demo corpus")
+        raise DataError(f"no Python sources found under '{root}' for the demo corpus")
     return documents
 
 

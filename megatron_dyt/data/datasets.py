@@ -37,6 +37,7 @@ import numpy as np
 
 from megatron_dyt.data.corpus import ensure_demo_data, file_lock
 from megatron_dyt.data.tokenizer import Tokenizer
+from megatron_dyt.errors import DataError
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
@@ -57,22 +58,22 @@ def resolve_data(cfg: Config) -> tuple[Tokenizer, list[str], list[float] | None]
         demo = _demo_data(cfg)
         return Tokenizer(demo.tokenizer_path), [str(demo.data_prefix)], None
     if not data.tokenizer:
-        raise ValueError(
+        raise DataError(
             "data.tokenizer is not set: give the sentencepiece .model the data was tokenized"
             " with (or data.demo=true to use the built-in demo corpus)"
         )
     try:
         tokenizer = Tokenizer(data.tokenizer)
     except ValueError as exc:
-        raise ValueError(f"data.tokenizer: {exc}") from None
+        raise DataError(f"data.tokenizer: {exc}") from None
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(
+        raise DataError(
             f"data.tokenizer '{data.tokenizer}' has {tokenizer.vocab_size} tokens but"
             f" model.vocab_size={cfg.model.vocab_size}; set model.vocab_size >= "
             f"{tokenizer.vocab_size}"
         )
     if not data.paths:
-        raise ValueError(
+        raise DataError(
             "data.paths is empty: list the dataset prefixes written by `megatron-dyt data"
             " preprocess --out PREFIX` (or set data.demo=true for the built-in demo corpus)"
         )
@@ -84,7 +85,7 @@ def resolve_data(cfg: Config) -> tuple[Tokenizer, list[str], list[float] | None]
                 if Path(prefix).suffix in (".bin", ".idx")
                 else ""
             )
-            raise ValueError(
+            raise DataError(
                 f"data.paths[{i}]={prefix!r}: {' and '.join(prefix + s for s in missing)}"
                 f" not found{hint}"
             )
@@ -101,7 +102,7 @@ def _demo_data(cfg: Config):
                 Path(cfg.data.cache_dir), cfg.model.vocab_size, seed=DEMO_SEED, progress=rank0
             )
     except ValueError as exc:
-        raise ValueError(
+        raise DataError(
             f"data.demo=true trains its tokenizer with model.vocab_size={cfg.model.vocab_size}"
             f" tokens: {exc}"
         ) from None
@@ -122,7 +123,7 @@ def _check_index_file(prefix: str) -> None:
         if path.stat().st_size < needed:
             problem = f"truncated: {path.stat().st_size} bytes, its header needs {needed}"
     if problem:
-        raise ValueError(
+        raise DataError(
             f"data.paths: '{path}' is not a readable indexed dataset ({problem}); write it"
             " again with `megatron-dyt data preprocess`"
         )
@@ -199,7 +200,7 @@ def _check_splits(cfg: Config, prefixes: list[str], lengths: list, split_matrix:
                 continue
             beg, end = int(round(bounds[0] * n)), int(round(bounds[1] * n))
             if int(sizes[beg:end].sum()) == 0:
-                raise ValueError(
+                raise DataError(
                     f"data.split={cfg.data.split!r} leaves the {name} split of '{prefix}' ({n}"
                     f" documents) without documents; add data or change data.split"
                 )

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from megatron_dyt.errors import DataError
+
 if TYPE_CHECKING:
     from megatron_dyt.data.tokenizer import Tokenizer
 
@@ -34,10 +36,6 @@ TEXT_SUFFIXES = (".txt", ".text", ".md")
 # Documents handed to the worker pool at a time: bounds memory on corpora of any size.
 _WINDOW_DOCS = 2048
 _WINDOW_CHARS = 32 * 1024 * 1024
-
-
-class DataError(ValueError):
-    """Input data that cannot be used; the message names the file, the line and what is wrong."""
 
 
 @dataclass

@@ -56,7 +56,7 @@ def train_tokenizer(
     temporary folder and renamed into place.
     """
     if model_type not in ("bpe", "unigram"):
-        raise ValueError(f"model_type={model_type!r}: choose 'bpe' or 'unigram'")
+        raise DataError(f"model_type={model_type!r}: choose 'bpe' or 'unigram'")
     out_prefix = Path(out_prefix)
     reader = DocumentReader(inputs, text_key=text_key, skip_bad=skip_bad)
     sentences = _sample(_training_lines(reader), max_sentences, seed)
@@ -90,7 +90,7 @@ def train_tokenizer(
                 minloglevel=2,
             )
         except RuntimeError as exc:
-            raise ValueError(_explain_training_error(str(exc), vocab_size)) from None
+            raise DataError(_explain_training_error(str(exc), vocab_size)) from None
         os.replace(tmp / "m.vocab", f"{out_prefix}.vocab")
         os.replace(tmp / "m.model", f"{out_prefix}.model")
     finally:
@@ -147,7 +147,7 @@ class Tokenizer:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise ValueError(f"tokenizer model '{self.path}' does not exist")
+            raise DataError(f"tokenizer model '{self.path}' does not exist")
         self._load(self.path.read_bytes())
 
     def _load(self, proto: bytes) -> None:
@@ -155,12 +155,12 @@ class Tokenizer:
         try:
             sp.LoadFromSerializedProto(proto)
         except (RuntimeError, OSError, TypeError):
-            raise ValueError(
+            raise DataError(
                 f"tokenizer model '{self.path}' is not a sentencepiece model (unreadable or"
                 " truncated; pass the .model file, not the .vocab)"
             ) from None
         if sp.vocab_size() == 0:
-            raise ValueError(f"tokenizer model '{self.path}' has an empty vocabulary")
+            raise DataError(f"tokenizer model '{self.path}' has an empty vocabulary")
         self._sp = sp
         self._proto = proto
         self.sha256 = hashlib.sha256(proto).hexdigest()
@@ -203,7 +203,7 @@ class Tokenizer:
         """End of document: appended after every document; the same id as `eos`."""
         eos = self._sp.eos_id()
         if eos < 0:
-            raise ValueError(
+            raise DataError(
                 f"tokenizer model '{self.path}' has no end-of-sequence token (eos_id=-1), which"
                 " training data needs between documents; train it with an eos piece (the"
                 " default of `megatron-dyt data tokenizer`)"

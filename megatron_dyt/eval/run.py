@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from megatron_dyt.errors import EvalError
 from megatron_dyt.eval.suites import TASK_DIR, check_task_names, markdown_table, summarize
 
 
@@ -53,7 +54,7 @@ def check_datasets(names: list[str], manager) -> None:
             missing.append(_describe_missing(name, manager, exc))
     if missing:
         offline = os.environ.get("HF_DATASETS_OFFLINE") == "1"
-        raise ValueError(
+        raise EvalError(
             "cannot load the data of "
             + "; ".join(missing)
             + (
@@ -113,7 +114,7 @@ def evaluate(
 def _at_saved_layout(folder: Path, saved, cfg) -> bool:
     """Whether each rank can load its own shard as saved: same TP and PP (any DP), and a
     checkpoint of per-rank files (not ZeRO-3 partitions or a layout-free universal one)."""
-    from megatron_dyt.convert.reshard import is_universal
+    from megatron_dyt.checkpoint import is_universal
 
     s, c = saved.parallel, cfg.parallel
     return (
@@ -134,30 +135,29 @@ def evaluate_checkpoint(
     out_dir: str | Path | None = None,
 ) -> EvalOutput:
     """Load a training checkpoint at its layout (or TP=PP=1 in one process) and evaluate it."""
+    from megatron_dyt import checkpoint as ckpt
     from megatron_dyt import parallel
     from megatron_dyt.config import apply_overrides, config_from_dict
-    from megatron_dyt.convert.reshard import rank_weights
     from megatron_dyt.data import Tokenizer
     from megatron_dyt.eval.adapter import make_lm
+    from megatron_dyt.layout import precision
     from megatron_dyt.model import (
         LlamaModel,
         load_full_state_dict,
         load_local_state_dict,
         stage_module,
     )
-    from megatron_dyt.training import checkpoint as ckpt
-    from megatron_dyt.training.engine import precision
 
     folder = ckpt.resolve(checkpoint)
     out = Path(out_dir) if out_dir else folder.parent.parent / "eval" / folder.name
     if out.exists() and not out.is_dir():  # found now, not after the evaluation
-        raise ValueError(f"--out '{out}' is a file; give a folder for the results")
+        raise EvalError(f"--out '{out}' is a file; give a folder for the results")
     saved = ckpt.read_config(folder)
     tree = saved.to_dict()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     layout = tree["parallel"]
     if world % (layout["tensor"] * layout["pipeline"]) and world != 1:
-        raise ValueError(
+        raise EvalError(
             f"{world} processes cannot hold the checkpoint's layout TP {layout['tensor']} ×"
             f" PP {layout['pipeline']}; launch a multiple of {layout['tensor'] * layout['pipeline']}"
             " processes, or one process (TP=PP=1)"
@@ -185,7 +185,7 @@ def evaluate_checkpoint(
     module = LlamaModel(cfg) if cfg.parallel.pipeline == 1 else stage_module(cfg, stage)
     if _at_saved_layout(folder, saved, cfg):
         # every rank reads its own shard only: a 70B model is never whole in one process
-        shard = rank_weights(folder, saved, stage, ps.get_tensor_model_parallel_rank())
+        shard = ckpt.rank_weights(folder, saved, stage, ps.get_tensor_model_parallel_rank())
         load_local_state_dict(module, shard)
         del shard
     else:
@@ -200,14 +200,16 @@ def evaluate_checkpoint(
         return EvalOutput(None, None, None, None)
 
     summary = summarize(results["results"], tasks)
-    title = f"{cfg.model.name} @ step {json.loads((folder / ckpt.COMPLETE).read_text())['step']}"
+    title = f"{cfg.model.name} @ step {ckpt.read_complete(folder)['step']}"
     table = markdown_table(summary, title)
     out.mkdir(parents=True, exist_ok=True)
     from lm_eval.utils import handle_non_serializable
 
-    ckpt.atomic_write(
+    from megatron_dyt.fileio import atomic_write
+
+    atomic_write(
         out / "results.json", json.dumps(results, indent=2, default=handle_non_serializable) + "\n"
     )
-    ckpt.atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    ckpt.atomic_write(out / "results.md", table)
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write(out / "results.md", table)
     return EvalOutput(results, summary, table, out)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
+from megatron_dyt.errors import EvalError
+
 TASK_DIR = Path(__file__).parent / "tasks"
 
 SUITES: dict[str, list[str]] = {
@@ -45,7 +47,7 @@ def expand(tasks: str | None, suite: str | None) -> list[str]:
     """Task names from `--tasks a,b` or `--suite NAME` (suite names may appear in --tasks too)."""
     if suite:
         if suite not in SUITES:
-            raise ValueError(f"unknown suite '{suite}'; allowed: {', '.join(SUITES)}")
+            raise EvalError(f"unknown suite '{suite}'; allowed: {', '.join(SUITES)}")
         return list(SUITES[suite])
     names: list[str] = []
     for name in (tasks or "").split(","):
@@ -53,7 +55,7 @@ def expand(tasks: str | None, suite: str | None) -> list[str]:
         if name:
             names.extend(SUITES.get(name, [name]))
     if not names:
-        raise ValueError("no tasks given: use --tasks a,b or --suite NAME")
+        raise EvalError("no tasks given: use --tasks a,b or --suite NAME")
     return list(dict.fromkeys(names))
 
 
@@ -64,7 +66,7 @@ def check_task_names(names: list[str], known: list[str]) -> None:
         for n in unknown:
             close = difflib.get_close_matches(n, known, n=3, cutoff=0.6)
             parts.append(f"'{n}'" + (f" (close: {', '.join(close)})" if close else ""))
-        raise ValueError(
+        raise EvalError(
             f"unknown task {', '.join(parts)}; see `lm_eval --tasks list` for all tasks,"
             f" or the suites {', '.join(SUITES)}"
         )

@@ -405,7 +405,7 @@ def best_configs(cases: list[dict]) -> dict[str, dict]:
 
 def write_json(path: Path, data: dict) -> None:
     """Results file, written whole or not at all (a run killed at its time limit keeps the old)."""
-    from megatron_dyt.training.checkpoint import atomic_write
+    from megatron_dyt.fileio import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(data, indent=1) + "\n")

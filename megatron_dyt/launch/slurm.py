@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from megatron_dyt.config import Config
+from megatron_dyt.errors import MegatronDyTError
 from megatron_dyt.launch.layout import JobLayout, job_layout
 
 
@@ -44,14 +45,14 @@ class SlurmOptions:
         if self.procs_per_node is not None:
             return self.procs_per_node
         if self.gpus_per_node < 1:
-            raise ValueError(
+            raise SlurmError(
                 "--gpus-per-node=0 (a CPU cluster) needs --nproc-per-node N: how many training"
                 " processes to start on each node"
             )
         return self.gpus_per_node
 
 
-class SlurmError(ValueError):
+class SlurmError(MegatronDyTError, ValueError):
     """Submission cannot go ahead (no sbatch, sbatch refused); the message says why."""
 
 
@@ -119,9 +120,9 @@ def render(
 ) -> tuple[str, JobLayout]:
     """The sbatch script for this run, after checking the layout fits the job."""
     if opts.launcher not in ("torchrun", "srun"):
-        raise ValueError(f"--launcher={opts.launcher!r}: choose 'torchrun' or 'srun'")
+        raise SlurmError(f"--launcher={opts.launcher!r}: choose 'torchrun' or 'srun'")
     if opts.signal_seconds < 1:
-        raise ValueError(f"--signal-seconds={opts.signal_seconds}: must be at least 1")
+        raise SlurmError(f"--signal-seconds={opts.signal_seconds}: must be at least 1")
     layout = job_layout(cfg, opts.nodes, opts.procs)
     python = shlex.quote(python or sys.executable)
     stamp = stamp or datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")

@@ -339,7 +339,7 @@ def write_status(run_dir: Path, status: dict[str, Any]) -> None:
 
 
 def finished_step(run_dir: Path) -> int | None:
-    """The step of the newest complete checkpoint (see training/checkpoint.py), read from the
+    """The step of the newest complete checkpoint (see megatron_dyt/checkpoint/format.py), read from the
     checkpoint's complete.json without importing torch."""
     root = Path(run_dir) / "checkpoints"
     steps = []

@@ -12,11 +12,12 @@ from megatron_dyt.model.llama import (
     LlamaModel,
     OutputStage,
     TransformerBlock,
+    layer_specs,
     lm_loss,
     pipeline_module,
-    stage_layers,
     stage_module,
 )
+from megatron_dyt.model.sharding import stage_layers, tp_split
 
 __all__ = [
     "EmbeddingStage",
@@ -26,10 +27,12 @@ __all__ = [
     "canonical_parameters",
     "full_state_dict",
     "init_weights",
+    "layer_specs",
     "lm_loss",
     "load_full_state_dict",
     "load_local_state_dict",
     "pipeline_module",
     "stage_layers",
     "stage_module",
+    "tp_split",
 ]

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_dyt.config import Config
+from megatron_dyt.errors import UsageError
 from megatron_dyt.model.layers import column_parallel, row_parallel
 from megatron_dyt.model.rope import apply_rope, rope_cos_sin
 
@@ -51,14 +52,17 @@ class Attention(nn.Module):
         self.rope_theta = m.rope_theta
         self.recompute_core = recompute_core
         self.backend = self._pick_backend(m.attention_backend)
-        self.qkv = column_parallel(mcfg, m.hidden_size, (m.num_heads + 2 * m.kv_heads) * m.head_dim)
-        self.proj = row_parallel(mcfg, m.num_heads * m.head_dim, m.hidden_size)
+        qkv_rows = (m.num_heads + 2 * m.kv_heads) * m.head_dim
+        self.qkv = column_parallel(mcfg, m.hidden_size, qkv_rows, "attention.qkv.weight")
+        self.proj = row_parallel(
+            mcfg, m.num_heads * m.head_dim, m.hidden_size, "attention.proj.weight"
+        )
         self._rope_cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
 
     @staticmethod
     def _pick_backend(choice: str) -> str:
         if choice == "flash" and not HAVE_FLASH_ATTN:
-            raise ValueError(
+            raise UsageError(
                 "model.attention_backend='flash' but flash-attn is not installed; install the"
                 " '.[flash]' extra or use 'auto' / 'sdpa'"
             )

@@ -5,8 +5,9 @@ output projections get std/√(2·layers) when `model.init.scaled_output_init` i
 embedding scale take their values from their own `reset_parameters`.
 
 With `model.init.layout_invariant` each full tensor is drawn from a generator seeded by the run
-seed and the tensor's canonical name, then this rank keeps its TP slice: the same model at any
-TP/PP layout. Vocab-sized tensors draw only the real vocabulary rows; padding rows are zero.
+seed and the tensor's canonical name, then this rank keeps its TP slice (`model/sharding.py`):
+the same model at any TP/PP layout. Vocab-sized tensors draw only the real vocabulary rows;
+padding rows are zero.
 """
 
 from __future__ import annotations
@@ -19,12 +20,19 @@ import torch
 from torch import nn
 
 from megatron_dyt.config import Config
+from megatron_dyt.errors import WeightsError
 from megatron_dyt.model.llama import EmbeddingStage
+from megatron_dyt.model.sharding import (
+    full_shape,
+    gather_full,
+    is_vocab_tensor,
+    split_shard,
+    tp_split,
+)
 from megatron_dyt.norms import Derf, DyT, LayerNorm, RMSNorm
-from megatron_dyt.parallel import gather_full, is_sharded, split_shard, tp_rank, tp_size
+from megatron_dyt.parallel import tp_rank, tp_size
 
 _NORMS = (RMSNorm, LayerNorm, DyT, Derf)
-_VOCAB_TENSORS = ("embedding.word.weight", "output.head.weight")
 _SCALED_OUTPUTS = ("attention.proj.weight", "mlp.down.weight")
 
 
@@ -35,13 +43,6 @@ def canonical_parameters(root: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         if prefix is not None:
             for name, param in module.named_parameters():
                 yield prefix + name, param
-
-
-def full_shape(param: torch.Tensor, tp: int) -> list[int]:
-    shape = list(param.shape)
-    if is_sharded(param):
-        shape[param.partition_dim] *= tp
-    return shape
 
 
 def _seed_for(seed: int, name: str, rank: int = 0) -> int:
@@ -68,20 +69,16 @@ def init_weights(root: nn.Module, cfg: Config, seed: int | None = None) -> None:
             continue
         std = _std(name, cfg)
         if cfg.model.init.layout_invariant:
-            shape = full_shape(param, size)
+            shape = full_shape(name, param.shape, size)
             rows = shape[0]
-            if name in _VOCAB_TENSORS:
+            if is_vocab_tensor(name):
                 shape[0] = cfg.model.vocab_size
             gen = torch.Generator().manual_seed(_seed_for(seed, name))
             full = torch.empty(shape).normal_(0.0, std, generator=gen)
             if rows > shape[0]:
                 full = torch.cat([full, full.new_zeros(rows - shape[0], *shape[1:])])
-            local = (
-                split_shard(full, param.partition_dim, param.partition_stride, rank, size)
-                if is_sharded(param)
-                else full
-            )
-            param.copy_(local)
+            split = tp_split(name)
+            param.copy_(full if split is None else split_shard(full, split, rank, size))
         else:
             gen = torch.Generator(device=param.device).manual_seed(_seed_for(seed, name, rank))
             param.normal_(0.0, std, generator=gen)
@@ -96,16 +93,17 @@ def load_full_state_dict(
     for name, param in canonical_parameters(root):
         if name not in full:
             if strict:
-                raise KeyError(f"tensor '{name}' is missing from the state dict")
+                raise WeightsError(f"tensor '{name}' is missing from the state dict")
             continue
         tensor = full[name]
-        expected = full_shape(param, size)
+        expected = full_shape(name, param.shape, size)
         if list(tensor.shape) != expected:
-            raise ValueError(
+            raise WeightsError(
                 f"tensor '{name}' has shape {list(tensor.shape)}, the model expects {expected}"
             )
-        if is_sharded(param):
-            tensor = split_shard(tensor, param.partition_dim, param.partition_stride, rank, size)
+        split = tp_split(name)
+        if split is not None:
+            tensor = split_shard(tensor, split, rank, size)
         param.copy_(tensor)
 
 
@@ -114,9 +112,9 @@ def load_local_state_dict(root: nn.Module, local: Mapping[str, torch.Tensor]) ->
     """Copy this rank's own shards (saved at the same TP/PP layout) into its parameters."""
     for name, param in canonical_parameters(root):
         if name not in local:
-            raise KeyError(f"tensor '{name}' is missing from the state dict")
+            raise WeightsError(f"tensor '{name}' is missing from the state dict")
         if local[name].shape != param.shape:
-            raise ValueError(
+            raise WeightsError(
                 f"tensor '{name}' has shape {list(local[name].shape)} in this rank's shard, the"
                 f" model expects {list(param.shape)}"
             )
@@ -131,16 +129,5 @@ def full_state_dict(root: nn.Module, grads: bool = False) -> dict[str, torch.Ten
         tensor = param.grad if grads else param.data
         if tensor is None:
             continue
-        out[name] = gather_full(tensor, param).to("cpu", copy=True)
+        out[name] = gather_full(tensor, name).to("cpu", copy=True)
     return out
-
-
-def tp_partition(name: str) -> tuple[int, int] | None:
-    """(dim, stride) along which a canonical tensor is split over TP ranks; None if replicated."""
-    if name.endswith(("attention.qkv.weight", "output.head.weight", "embedding.word.weight")):
-        return 0, 1
-    if name.endswith("mlp.gate_up.weight"):
-        return 0, 2
-    if name.endswith(("attention.proj.weight", "mlp.down.weight")):
-        return 1, 1
-    return None

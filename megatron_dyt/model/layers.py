@@ -7,6 +7,7 @@ from megatron.core import tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 
 from megatron_dyt.config import Config
+from megatron_dyt.model.sharding import TPSplit, tp_split
 from megatron_dyt.parallel import mark_sharded, tp_group
 
 
@@ -30,9 +31,19 @@ def _no_init(_: torch.Tensor) -> None:
     """megatron-core wants an init method; ours runs later (`model.init.init_weights`)."""
 
 
+def _split(tensor: str, dim: int) -> TPSplit:
+    """The table's split of `tensor`, which the layer type must agree with."""
+    split = tp_split(tensor)
+    if split is None or split.dim != dim:
+        raise AssertionError(f"model/sharding.py has no dim-{dim} split for '{tensor}'")
+    return split
+
+
 def column_parallel(
-    mcfg: ModelParallelConfig, in_features: int, out_features: int, stride: int = 1
+    mcfg: ModelParallelConfig, in_features: int, out_features: int, tensor: str
 ) -> tensor_parallel.ColumnParallelLinear:
+    """Output rows split over TP; `tensor` (canonical name) looks up its stride."""
+    split = _split(tensor, dim=0)
     layer = tensor_parallel.ColumnParallelLinear(
         in_features,
         out_features,
@@ -40,16 +51,18 @@ def column_parallel(
         init_method=_no_init,
         bias=False,
         gather_output=False,
-        stride=stride,
+        stride=split.stride,
         tp_group=tp_group(),
     )
-    mark_sharded(layer.weight, dim=0, stride=stride)
+    mark_sharded(layer.weight, dim=0, stride=split.stride)
     return layer
 
 
 def row_parallel(
-    mcfg: ModelParallelConfig, in_features: int, out_features: int
+    mcfg: ModelParallelConfig, in_features: int, out_features: int, tensor: str
 ) -> tensor_parallel.RowParallelLinear:
+    """Input columns split over TP (the input arrives split the same way)."""
+    _split(tensor, dim=1)
     layer = tensor_parallel.RowParallelLinear(
         in_features,
         out_features,
@@ -75,5 +88,5 @@ def vocab_parallel_embedding(
         config=mcfg,
         tp_group=tp_group(),
     )
-    mark_sharded(layer.weight, dim=0)
+    mark_sharded(layer.weight, dim=_split("embedding.word.weight", dim=0).dim)
     return layer

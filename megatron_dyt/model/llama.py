@@ -16,16 +16,18 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_dyt.config import Config
+from megatron_dyt.errors import UsageError
 from megatron_dyt.model.attention import Attention
 from megatron_dyt.model.layers import column_parallel, megatron_config, vocab_parallel_embedding
 from megatron_dyt.model.mlp import SwiGLU
+from megatron_dyt.model.sharding import stage_layers
 from megatron_dyt.norms import build_norm
 from megatron_dyt.parallel import mark_replicated
 
 
 def _check_device(cfg: Config) -> None:
     if cfg.parallel.sequence_parallel and not torch.cuda.is_available():
-        raise ValueError(
+        raise UsageError(
             "parallel.sequence_parallel=true needs CUDA: megatron-core's sequence-parallel ops"
             " do not run on CPU; set parallel.sequence_parallel=false"
         )
@@ -102,7 +104,7 @@ class OutputStage(nn.Module):
         _check_device(cfg)
         self.norm = build_norm("final", cfg.model.hidden_size, cfg.model.norm)
         self.head = column_parallel(
-            megatron_config(cfg), cfg.model.hidden_size, cfg.padded_vocab_size
+            megatron_config(cfg), cfg.model.hidden_size, cfg.padded_vocab_size, "output.head.weight"
         )
         mark_replicated(self, cfg.parallel.sequence_parallel)
 
@@ -122,8 +124,9 @@ def lm_loss(
     return (losses * mask).sum() / mask.sum().clamp_min(1)
 
 
-def stage_layers(cfg: Config) -> list[tuple[type[nn.Module], tuple[Any, ...]]]:
-    """The model as (class, args) pairs, ready to wrap in DeepSpeed `LayerSpec`s."""
+def layer_specs(cfg: Config) -> list[tuple[type[nn.Module], tuple[Any, ...]]]:
+    """The model as (class, args) pairs, one per pipeline layer (`model/sharding.py`), ready to
+    wrap in DeepSpeed `LayerSpec`s."""
     return [
         (EmbeddingStage, (cfg,)),
         *[(TransformerBlock, (cfg, i)) for i in range(cfg.model.num_layers)],
@@ -132,35 +135,33 @@ def stage_layers(cfg: Config) -> list[tuple[type[nn.Module], tuple[Any, ...]]]:
 
 
 def stage_module(cfg: Config, stage: int) -> nn.Module:
-    """The layers of pipeline stage `stage` as a plain module (evaluation, conversion).
-
-    The same split as `pipeline_module`: blocks spread evenly, the embedding on the first stage
-    and the output stage on the last.
-    """
-    per_stage = cfg.model.num_layers // cfg.parallel.pipeline
-    layers = stage_layers(cfg)
-    first, last = stage == 0, stage == cfg.parallel.pipeline - 1
-    chosen = layers[1 + stage * per_stage : 1 + (stage + 1) * per_stage]
-    chosen = ([layers[0]] if first else []) + chosen + ([layers[-1]] if last else [])
-    return nn.Sequential(*(cls(*args) for cls, args in chosen))
+    """The layers of pipeline stage `stage` as a plain module (evaluation, conversion)."""
+    specs = layer_specs(cfg)
+    return nn.Sequential(*(specs[i][0](*specs[i][1]) for i in stage_layers(cfg, stage)))
 
 
 def pipeline_module(cfg: Config, topology: Any, **kwargs: Any) -> nn.Module:
-    """A DeepSpeed `PipelineModule` of the stage layers, blocks spread evenly over the stages.
+    """A DeepSpeed `PipelineModule` of the stage layers, split as `stage_layers` says.
 
     megatron-core's `parallel_state` must already be initialised: the TP layers are built inside
     this constructor and would otherwise come out unsharded.
     """
     from deepspeed.pipe import LayerSpec, PipelineModule
 
-    return PipelineModule(
-        layers=[LayerSpec(cls, *args) for cls, args in stage_layers(cfg)],
+    module = PipelineModule(
+        layers=[LayerSpec(cls, *args) for cls, args in layer_specs(cfg)],
         loss_fn=lm_loss,
         topology=topology,
         partition_method="type:TransformerBlock",
         checkpointable_layers=["TransformerBlock"],
         **kwargs,
     )
+    # DeepSpeed balances the blocks itself; the checkpoint readers rely on the same split.
+    parts = [stage_layers(cfg, s) for s in range(cfg.parallel.pipeline)]
+    bounds = module.parts
+    if [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)] != parts:
+        raise AssertionError(f"DeepSpeed split the layers {module.parts}, not as {parts}")
+    return module
 
 
 class LlamaModel(nn.Module):

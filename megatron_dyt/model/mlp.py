@@ -15,9 +15,9 @@ class SwiGLU(nn.Module):
     def __init__(self, cfg: Config, mcfg: ModelParallelConfig):
         super().__init__()
         h, f = cfg.model.hidden_size, cfg.model.ffn_hidden_size
-        # stride 2: the full weight is [gate; up] and each TP rank holds [gate_r; up_r].
-        self.gate_up = column_parallel(mcfg, h, 2 * f, stride=2)
-        self.down = row_parallel(mcfg, f, h)
+        # The full weight is [gate; up]; each TP rank holds [gate_r; up_r] (model/sharding.py).
+        self.gate_up = column_parallel(mcfg, h, 2 * f, "mlp.gate_up.weight")
+        self.down = row_parallel(mcfg, f, h, "mlp.down.weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up, _ = self.gate_up(x)

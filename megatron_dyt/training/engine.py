@@ -6,7 +6,6 @@ PipelineModule builds its layers in its constructor) → weights → `deepspeed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,43 +13,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_dyt.config import Config
-
-
-@dataclass(frozen=True)
-class BatchLayout:
-    """Global batch in sequences = micro-batch × gradient accumulation × data parallel."""
-
-    global_batch: int
-    micro_batch: int
-    grad_accum: int
-    data_parallel: int
-
-
-def batch_layout(cfg: Config, data_parallel: int) -> BatchLayout:
-    t, seq = cfg.train, cfg.model.seq_length
-    if t.global_batch_tokens % seq:
-        raise ValueError(
-            f"train.global_batch_tokens={t.global_batch_tokens} is not a whole number of"
-            f" sequences of model.seq_length={seq}; use a multiple of {seq}"
-        )
-    sequences = t.global_batch_tokens // seq
-    per_step = t.micro_batch_size * data_parallel
-    if sequences % per_step:
-        raise ValueError(
-            f"the global batch of {sequences} sequences (train.global_batch_tokens /"
-            f" model.seq_length) is not divisible by train.micro_batch_size ×"
-            f" data-parallel size = {t.micro_batch_size} × {data_parallel}"
-        )
-    return BatchLayout(sequences, t.micro_batch_size, sequences // per_step, data_parallel)
-
-
-def precision(cfg: Config) -> torch.dtype:
-    p = cfg.train.precision
-    if p == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    if p in ("bf16", "fp16") and not torch.cuda.is_available():
-        raise ValueError(f"train.precision={p!r} needs a GPU; on CPU use 'fp32' or 'auto'")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[p]
+from megatron_dyt.layout import BatchLayout, data_parallel_size, precision
 
 
 def deepspeed_config(cfg: Config, layout: BatchLayout) -> dict[str, Any]:
@@ -94,10 +57,6 @@ class MegatronMPU:
     get_pipeline_model_parallel_group = staticmethod(ps.get_pipeline_model_parallel_group)
 
 
-def data_parallel_size(cfg: Config) -> int:
-    return dist.get_world_size() // (cfg.parallel.tensor * cfg.parallel.pipeline)
-
-
 def build_model(cfg: Config) -> torch.nn.Module:
     """The model for this rank: `LlamaModel`, or this stage of a `PipelineModule`."""
     from megatron_dyt.model import LlamaModel, pipeline_module
@@ -107,7 +66,9 @@ def build_model(cfg: Config) -> torch.nn.Module:
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     topology = PipeModelDataParallelTopology(
-        num_pp=cfg.parallel.pipeline, num_mp=cfg.parallel.tensor, num_dp=data_parallel_size(cfg)
+        num_pp=cfg.parallel.pipeline,
+        num_mp=cfg.parallel.tensor,
+        num_dp=data_parallel_size(cfg.parallel, dist.get_world_size()),
     )
     # Activation checkpointing stays inside each block (torch.utils.checkpoint), the same
     # code with or without pipeline parallelism.

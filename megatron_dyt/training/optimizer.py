@@ -7,36 +7,12 @@ from torch import nn
 
 from megatron_dyt.config import Config
 from megatron_dyt.model import canonical_parameters
-
-
-def is_dyt_scalar(name: str) -> bool:
-    """DyT/Derf α and s, and the embedding scale: the scalars the paper adds."""
-    return name.endswith((".alpha", ".shift")) or name == "embedding.scale"
-
-
-def is_trainable(name: str, cfg: Config) -> bool:
-    """Whether the optimizer holds this parameter: with `learnable_alpha: false` the DyT/Derf α
-    stay at α₀ and have no optimizer state (resharding needs to know without a model)."""
-    return cfg.model.norm.learnable_alpha or not name.endswith(".alpha")
-
-
-def group_key(name: str, ndim: int, cfg: Config) -> tuple[float, float]:
-    """(weight decay, lr multiplier) of a parameter: which AdamW group it belongs to.
-
-    Resharding uses it too, to find a parameter's place in a saved optimizer's groups.
-    """
-    t = cfg.train
-    decay = t.weight_decay if (t.weight_decay_policy == "all" or ndim >= 2) else 0.0
-    mult = t.dyt_lr_multiplier if is_dyt_scalar(name) else 1.0
-    return decay, mult
+from megatron_dyt.model.groups import group_key
 
 
 def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
-    """Groups keyed by (weight decay, lr multiplier); `lr_mult` scales the scheduled lr.
-
-    `all` decays every parameter, α, γ, β and the embedding scale included (the paper);
-    `matrices` decays only 2-D weights (Megatron's habit).
-    """
+    """Groups keyed by (weight decay, lr multiplier) (`model/groups.py`); `lr_mult` scales the
+    scheduled lr."""
     t = cfg.train
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     names: dict[tuple[float, float], list[str]] = {}

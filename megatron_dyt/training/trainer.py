@@ -22,24 +22,20 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_dyt import __version__, parallel
+from megatron_dyt import __version__, checkpoint, parallel
 from megatron_dyt.config import Config, load_config
-from megatron_dyt.convert.reshard import run_layout
-from megatron_dyt.training import checkpoint
-from megatron_dyt.training.engine import (
-    BatchLayout,
-    batch_layout,
-    build_model,
-    data_parallel_size,
-    deepspeed_config,
-    initialize,
-)
+from megatron_dyt.errors import MegatronDyTError
+from megatron_dyt.fileio import atomic_write
+from megatron_dyt.layout import BatchLayout, batch_layout, data_parallel_size, run_layout
+from megatron_dyt.training.engine import build_model, deepspeed_config, initialize
 from megatron_dyt.training.metrics import MetricsWriter, NormStats, flops_per_token, peak_tflops
 from megatron_dyt.training.schedule import lr_factor
 
 
-class TrainingError(RuntimeError):
+class TrainingError(MegatronDyTError, RuntimeError):
     """Training cannot go on (diverged loss, refused run folder); the message says why."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -67,7 +63,7 @@ def write_status(run_dir: Path, state: str, step: int, total_steps: int, **extra
         "version": __version__,
     }
     record.update({k: v for k, v in extra.items() if v is not None})
-    checkpoint.atomic_write(run_dir / "status.json", json.dumps(record) + "\n")
+    atomic_write(run_dir / "status.json", json.dumps(record) + "\n")
 
 
 # Keys that may change between a run and its resumption: how to resume, and (with
@@ -106,13 +102,11 @@ def _check_resume_layout(cfg: Config, folder: Path, world_size: int) -> bool:
 
     Without resume.reshard=true a different layout is an error that says what to do.
     """
-    from megatron_dyt.convert import reshard
-
-    current = reshard.run_layout(cfg, world_size)
-    if reshard.is_universal(folder):
+    current = run_layout(cfg, world_size)
+    if checkpoint.is_universal(folder):
         saved = None
     else:
-        saved = reshard.saved_layout(folder)
+        saved = checkpoint.saved_layout(folder)
         if current.loads_natively(saved):
             return False
         if not cfg.resume.reshard:
@@ -280,7 +274,7 @@ def train(
     run_dir = Path(run_dir)
     prepare_run_dir(cfg, run_dir, allow_config_change)
 
-    dp = data_parallel_size(cfg)
+    dp = data_parallel_size(cfg.parallel, dist.get_world_size())
     layout = batch_layout(cfg, dp)
     ckpt_root = run_dir / "checkpoints"
     tag = checkpoint.find_latest(ckpt_root)
@@ -306,10 +300,8 @@ def train(
     if is_rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         # atomic: a run killed while writing must not leave a config its resume cannot read
-        checkpoint.atomic_write(run_dir / "config.yaml", cfg.to_yaml())
-        checkpoint.atomic_write(
-            run_dir / "deepspeed_config.json", json.dumps(ds_config, indent=2) + "\n"
-        )
+        atomic_write(run_dir / "config.yaml", cfg.to_yaml())
+        atomic_write(run_dir / "deepspeed_config.json", json.dumps(ds_config, indent=2) + "\n")
     dist.barrier()
 
     torch.manual_seed(cfg.train.seed)
@@ -329,10 +321,8 @@ def train(
     def resume(tag: str, reshard: bool) -> dict[str, Any]:
         if not reshard:
             return checkpoint.load(engine, ckpt_root, tag)
-        from megatron_dyt.convert.reshard import load_universal, universal_of
-
-        universal = universal_of(ckpt_root / tag, progress=is_rank0 and progress)
-        return load_universal(engine, universal, cfg, layout.global_batch)
+        universal = checkpoint.universal_of(ckpt_root / tag, progress=is_rank0 and progress)
+        return checkpoint.load_universal(engine, universal, cfg, layout.global_batch)
 
     if tag is not None:
         state = resume(tag, resharded)

@@ -21,37 +21,29 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from megatron_dyt.checkpoint.deepspeed_state import module_only_state
+from megatron_dyt.checkpoint.format import (
+    COMPLETE,
+    CONFIG,
+    LATEST,
+    TOKENIZER,
+    WEIGHTS_ONLY,
+    CheckpointError,
+    layer_file,
+    model_file,
+    tag_for,
+)
 from megatron_dyt.config import Config
-from megatron_dyt.convert.mapping import ConvertError
-from megatron_dyt.training import checkpoint as ckpt
-
-WEIGHTS_ONLY = "weights_only"
-
-
-def _mp_state(module: dict[str, Any] | None, mp_world: int, client: dict[str, Any]) -> dict:
-    """What DeepSpeed's module-only load reads from an `mp_rank_*` file (no optimizer state)."""
-    return {
-        "module": module,
-        "buffer_names": [],
-        "optimizer": None,
-        "lr_scheduler": None,
-        "skipped_steps": 0,
-        "global_steps": 0,
-        "global_samples": 0,
-        "dp_world_size": 1,
-        "mp_world_size": mp_world,
-        **client,
-    }
+from megatron_dyt.fileio import atomic_write
+from megatron_dyt.model.sharding import layer_prefix, split_shard, tp_split
 
 
 def _shard(name: str, tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    from megatron_dyt.model.init import tp_partition
-    from megatron_dyt.parallel import split_shard
-
-    split = tp_partition(name)
+    split = tp_split(name)
+    tensor = tensor.detach().to(torch.float32)
     if split is None or size == 1:
-        return tensor.detach().to(torch.float32).contiguous().clone()
-    return split_shard(tensor.detach().to(torch.float32), split[0], split[1], rank, size).clone()
+        return tensor.contiguous().clone()
+    return split_shard(tensor, split, rank, size).clone()
 
 
 def _stage_state(
@@ -65,10 +57,10 @@ def _stage_state(
             continue
         name = prefix + key
         if name not in full:
-            raise ConvertError(f"tensor '{name}' is missing from the weights to write")
+            raise CheckpointError(f"tensor '{name}' is missing from the weights to write")
         tensor = full[name]
         if list(tensor.shape) != list(value.shape):
-            raise ConvertError(
+            raise CheckpointError(
                 f"tensor '{name}' has shape {list(tensor.shape)}, the model expects"
                 f" {list(value.shape)}"
             )
@@ -93,15 +85,14 @@ def write_checkpoint(
 
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
     model = build_meta_model(cfg)
-    stages: list[tuple[torch.nn.Module, str]] = [(model.embedding, "embedding.")]
-    stages += [(layer, f"layers.{i}.") for i, layer in enumerate(model.layers)]
-    stages.append((model.output, "output."))
+    layers = [model.embedding, *model.layers, model.output]  # pipeline layers 0 … L+1
+    stages = [(m, layer_prefix(i, cfg.model.num_layers)) for i, m in enumerate(layers)]
 
     root = Path(run_dir) / "checkpoints"
-    tag = ckpt.tag_for(0)
+    tag = tag_for(0)
     folder = root / tag
     if folder.exists():
-        raise ConvertError(f"'{folder}' already exists; remove it or choose another output")
+        raise CheckpointError(f"'{folder}' already exists; remove it or choose another output")
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{tag}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -117,38 +108,31 @@ def write_checkpoint(
         for rank in range(tp):
             if pp == 1:
                 module = _stage_state(model, "", full, rank, tp)
-                torch.save(
-                    _mp_state(module, tp, client), tmp / f"mp_rank_{rank:02d}_model_states.pt"
-                )
+                torch.save(module_only_state(module, tp, client), tmp / model_file(rank))
                 bar.update(1)
                 continue
             for index, (stage, prefix) in enumerate(stages):
                 state = _stage_state(stage, prefix, full, rank, tp)
-                torch.save(state, tmp / f"layer_{index:02d}-model_{rank:02d}-model_states.pt")
+                torch.save(state, tmp / layer_file(index, rank))
                 bar.update(1)
             for stage_index in range(pp):
                 mp_rank = stage_index * tp + rank
-                torch.save(
-                    _mp_state(None, tp * pp, client), tmp / f"mp_rank_{mp_rank:02d}_model_states.pt"
-                )
+                torch.save(module_only_state(None, tp * pp, client), tmp / model_file(mp_rank))
         bar.close()
         saved = cfg
         if cfg.parallel.zero_stage == 3:  # the files are the ZeRO-0/1/2 layout
             saved = cfg.model_copy(
                 update={"parallel": cfg.parallel.model_copy(update={"zero_stage": 1})}
             )
-        (tmp / "config.yaml").write_text(saved.to_yaml())
+        (tmp / CONFIG).write_text(saved.to_yaml())
         if tokenizer is not None:
-            shutil.copy2(tokenizer, tmp / "tokenizer.model")
-        (tmp / ckpt.COMPLETE).write_text(
+            shutil.copy2(tokenizer, tmp / TOKENIZER)
+        (tmp / COMPLETE).write_text(
             json.dumps({**client, "world_size": tp * pp, WEIGHTS_ONLY: True, **(info or {})})
         )
         os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    latest = root / ckpt.LATEST
-    latest_tmp = root / f".{ckpt.LATEST}.tmp-{os.getpid()}"
-    latest_tmp.write_text(tag)
-    os.replace(latest_tmp, latest)
+    atomic_write(root / LATEST, tag)
     return folder

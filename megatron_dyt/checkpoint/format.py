@@ -1,0 +1,165 @@
+"""Names on disk: run folders, checkpoint tags, the marker files and DeepSpeed's file names.
+
+    <run>/checkpoints/latest                     tag of the checkpoint to resume (atomic rename)
+    <run>/checkpoints/step_XXXXXXX/              one checkpoint
+        complete.json                            written last: step, world size, data position
+        config.yaml, tokenizer.model             the run's resolved config and tokenizer
+        rng_rankNNNNN.pt                         every rank's RNG states
+        mp_rank_MM_model_states.pt               DeepSpeed: module (PP=1) and engine state
+        layer_LL-model_TT-model_states.pt        DeepSpeed pipeline: one per layer and TP rank
+        zero_pp_rank_D_mp_rank_MM_optim_states.pt       ZeRO-1/2/3 partitions
+        bf16_zero_pp_rank_D_mp_rank_MM_optim_states.pt  DeepSpeed's bf16 optimizer (ZeRO-0)
+        universal.json, params/<name>.pt         the layout-free form (`universal.py`)
+
+MM is the model-parallel rank, stage·TP + TP rank; D the data-parallel rank; LL the pipeline
+layer (`model/sharding.py`). A folder without `complete.json` is an interrupted save and is never
+used (docs/design.md §4).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_dyt.config import Config
+from megatron_dyt.errors import MegatronDyTError
+from megatron_dyt.layout import RunLayout, data_parallel_size
+
+COMPLETE = "complete.json"
+LATEST = "latest"
+CONFIG = "config.yaml"
+TOKENIZER = "tokenizer.model"
+WEIGHTS_ONLY = "weights_only"  # complete.json flag of an import: no optimizer state
+UNIVERSAL_META = "universal.json"  # marks the layout-free form
+UNIVERSAL_PARAMS = "params"  # its folder of one file per canonical tensor
+UNIVERSAL_CACHE = "universal"  # a step folder's own universal form (`resume.reshard=true`)
+UNIVERSAL_FORMAT, UNIVERSAL_VERSION = "megatron-dyt-universal", 1
+
+
+class CheckpointError(MegatronDyTError, ValueError):
+    """A checkpoint that cannot be used; the message names the folder or file."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_rank{rank:05d}.pt"
+
+
+def model_file(mp_rank: int) -> str:
+    return f"mp_rank_{mp_rank:02d}_model_states.pt"
+
+
+def layer_file(layer: int, tp_rank: int) -> str:
+    return f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt"
+
+
+_OPTIM_PREFIX = {"zero": "zero_pp_rank", "bf16": "bf16_zero_pp_rank"}
+
+
+def optim_file(kind: str, dp_rank: int, mp_rank: int) -> str:
+    """ZeRO partition (`kind` 'zero') or bf16-optimizer partition (`kind` 'bf16') of a rank."""
+    return f"{_OPTIM_PREFIX[kind]}_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
+
+
+def has_optim_files(folder: Path, kind: str) -> bool:
+    return any(folder.glob(f"{_OPTIM_PREFIX[kind]}_*_optim_states.pt"))
+
+
+def universal_param_file(folder: Path, name: str) -> Path:
+    """The file of canonical tensor `name` in a universal checkpoint."""
+    return folder / UNIVERSAL_PARAMS / f"{name}.pt"
+
+
+def load_file(path: Path, mmap: bool = False) -> Any:
+    """One checkpoint file, on CPU; a missing or unreadable file is a `CheckpointError`."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file '{path}' is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint file '{path}': {exc}") from exc
+
+
+def read_complete(folder: Path) -> dict[str, Any]:
+    """A checkpoint's `complete.json`; its absence means an interrupted save."""
+    path = folder / COMPLETE
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint '{folder}' is incomplete (no {COMPLETE}): it was interrupted while being"
+            " written; remove it or use an earlier one"
+        )
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"'{path}' is not valid JSON: {exc}") from None
+
+
+def complete_tags(root: Path) -> list[str]:
+    """Finished checkpoints under `root` (a `checkpoints/` folder), oldest first."""
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if p.is_dir() and (p / COMPLETE).is_file()]
+    return sorted(tags, key=lambda t: json.loads((root / t / COMPLETE).read_text())["step"])
+
+
+def find_latest(root: Path) -> str | None:
+    """The tag to resume from: `latest` if it names a complete checkpoint, else the newest one."""
+    pointer = root / LATEST
+    if pointer.is_file():
+        tag = pointer.read_text().strip()
+        if (root / tag / COMPLETE).is_file():
+            return tag
+    tags = complete_tags(root)
+    return tags[-1] if tags else None
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder from a run folder, its `checkpoints/` folder or a `step_*` folder."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    if (path / COMPLETE).is_file():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    tag = find_latest(root)
+    if tag is None:
+        raise CheckpointError(
+            f"no complete checkpoint under '{path}' (expected a run folder, its checkpoints/"
+            f" folder, or a step_XXXXXXX folder holding {COMPLETE})"
+        )
+    return root / tag
+
+
+def read_config(folder: Path) -> Config:
+    """The config a checkpoint was saved with (rules added since are notices, not errors)."""
+    from megatron_dyt.config import load_config
+
+    return load_config(folder / CONFIG, saved=True)
+
+
+def saved_layout(folder: Path, cfg: Config | None = None) -> RunLayout:
+    """The layout checkpoint `folder` was written at (from complete.json, else its files)."""
+    done = read_complete(folder)
+    if isinstance(done.get("layout"), dict):
+        return RunLayout(**done["layout"])
+    cfg = cfg or read_config(folder)
+    p = cfg.parallel
+    world = int(done.get("world_size", p.tensor * p.pipeline))
+    if has_optim_files(folder, "bf16"):
+        kind = "bf16"
+    elif has_optim_files(folder, "zero"):
+        kind = "zero"
+    else:
+        kind = "zero" if p.zero_stage else "torch"
+    return RunLayout(p.tensor, p.pipeline, data_parallel_size(p, world), p.zero_stage, kind)
+
+
+def is_universal(folder: Path) -> bool:
+    """A layout-free checkpoint (`universal.py`), loadable at any layout."""
+    return (folder / UNIVERSAL_META).is_file()
