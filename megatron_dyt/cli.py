@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_dyt.convert.cli import add_convert_parser
     from megatron_dyt.data.cli import add_data_commands
     from megatron_dyt.launch.cli import add_launch_parser
-    from megatron_dyt.launch.sweep import add_sweep_parser
+    from megatron_dyt.sweep.cli import add_sweep_parser
 
     add_data_commands(sub)
     add_launch_parser(sub)

@@ -12,6 +12,7 @@ def atomic_write(path: Path, text: str) -> None:
     a temporary file beside it (one per process and thread), flushed to disk, then renamed over
     it."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     tmp.write_text(text)
     with open(tmp) as fh:

@@ -64,7 +64,7 @@ def test_the_promised_layout_is_there():
         ["-c", "from transformers import LlamaForCausalLM; import lm_eval.models.huggingface"],
         [
             "-c",
-            "import megatron_dyt.kernels.ops, megatron_dyt.eval.adapter, megatron_dyt.launch.sweep",
+            "import megatron_dyt.kernels.ops, megatron_dyt.eval.adapter, megatron_dyt.sweep.cli",
         ],
     ],
     ids=["cli", "convert-to-hf", "transformers+lm-eval-hf", "subpackages"],
@@ -146,7 +146,7 @@ def test_the_wheel_holds_one_package_with_its_data(tmp_path):
         "megatron_dyt/eval/adapter.py",
         "megatron_dyt/eval/tasks/pycloze.yaml",
         "megatron_dyt/eval/tasks/pycloze.json",
-        "megatron_dyt/launch/sweep.py",
+        "megatron_dyt/sweep/cli.py",
         "megatron_dyt/launch/templates/sbatch.sh",
         "megatron_dyt/convert/hf_code/modeling_megatron_dyt.py",
     ):

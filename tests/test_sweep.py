@@ -20,7 +20,8 @@ from common import tiny_dict, train_dict
 
 from megatron_dyt.cli import main
 from megatron_dyt.config import ConfigError, config_from_dict
-from megatron_dyt.launch import report, sweep
+from megatron_dyt.sweep import report, runner, slurm_array, state, stats
+from megatron_dyt.sweep import spec as sweep_spec
 from megatron_dyt.training.metrics import MetricsWriter
 
 
@@ -53,7 +54,7 @@ def test_cartesian_product_with_tied_keys(tmp_path):
         overrides={"train.train_steps": 7},
         name="w{width}-a{model.norm.alpha_attn}-o{alpha_other:.2f}",
     )
-    runs = sweep.validate(sweep.load_spec(spec))
+    runs = sweep_spec.validate(sweep_spec.load_spec(spec))
     assert len(runs) == 2 * 3 * 2
     names = [r.name for r, _ in runs]
     assert names[:3] == ["w64-a0.5-o0.25", "w64-a0.5-o0.50", "w64-a1-o0.25"]
@@ -78,14 +79,14 @@ def test_cartesian_product_with_tied_keys(tmp_path):
 def test_bad_key_or_value_fails_before_running_naming_the_run(tmp_path, capsys):
     spec = _write_spec(tmp_path, tiny_dict(), {"model.norm.alpha_atn": [0.5, 1.0]})
     with pytest.raises(ConfigError) as err:
-        sweep.validate(sweep.load_spec(spec))
+        sweep_spec.validate(sweep_spec.load_spec(spec))
     msg = str(err.value)
     assert "sweep run 0 'alpha_atn0.5'" in msg
     assert "unknown key 'model.norm.alpha_atn' (did you mean 'model.norm.alpha_attn'?)" in msg
 
     bad_value = _write_spec(tmp_path / "value", tiny_dict(), {"model.norm.alpha_attn": [0.5, -1.0]})
     with pytest.raises(ConfigError, match=r"(?s)sweep run 1 'alpha_attn-1'.*α₀ must be a finite"):
-        sweep.validate(sweep.load_spec(bad_value))
+        sweep_spec.validate(sweep_spec.load_spec(bad_value))
 
     # The CLI: one line, exit 2, nothing written, no traceback.
     out = tmp_path / "out"
@@ -113,18 +114,18 @@ def test_spec_errors(tmp_path, grid, message):
     if message is None:  # a template that leaves out an axis makes duplicate names
         message = "runs 0 and 1 are both named 'fixed'"
     with pytest.raises(ConfigError, match=message.replace("{", r"\{")):
-        sweep.validate(sweep.load_spec(spec))
+        sweep_spec.validate(sweep_spec.load_spec(spec))
 
 
 def test_unknown_template_field_and_missing_base(tmp_path):
     spec = _write_spec(tmp_path, tiny_dict(), {"train.seed": [1]}, name="s{seed}")
     with pytest.raises(ConfigError, match=r"field \{seed\} is not an axis \(axes: train.seed\)"):
-        sweep.validate(sweep.load_spec(spec))
+        sweep_spec.validate(sweep_spec.load_spec(spec))
     spec = _write_spec(tmp_path, tiny_dict(), {"train.seed": [1]}, name="s{train.seed:.2q}")
     with pytest.raises(ConfigError, match=r"field \{train.seed:.2q\} cannot format 1: Unknown"):
-        sweep.validate(sweep.load_spec(spec))
+        sweep_spec.validate(sweep_spec.load_spec(spec))
     with pytest.raises(ConfigError, match="base config 'nope.yaml' not found"):
-        sweep.spec_from_dict({"base": "nope.yaml", "grid": {"train.seed": [1]}}, tmp_path)
+        sweep_spec.spec_from_dict({"base": "nope.yaml", "grid": {"train.seed": [1]}}, tmp_path)
 
 
 def test_not_a_sweep_folder_is_one_clear_error(tmp_path, capsys):
@@ -139,9 +140,9 @@ def test_not_a_sweep_folder_is_one_clear_error(tmp_path, capsys):
 
 
 def test_array_script(tmp_path):
-    assert sweep.array_ranges([8, 0, 1, 2, 5, 7]) == "0-2,5,7-8"
-    assert sweep.array_ranges([3]) == "3"
-    script = sweep.array_script(
+    assert slurm_array.array_ranges([8, 0, 1, 2, 5, 7]) == "0-2,5,7-8"
+    assert slurm_array.array_ranges([3]) == "3"
+    script = slurm_array.array_script(
         tmp_path / "sw", [0, 1, 2, 4], max_running=2, partition="debug", time_limit="01:00:00"
     )
     lines = script.splitlines()
@@ -156,8 +157,8 @@ def test_array_script(tmp_path):
     path.write_text(script)
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
     with pytest.raises(ValueError, match="no runs to submit"):
-        sweep.array_script(tmp_path, [])
-    retry = sweep.array_script(tmp_path / "sw", [3], gpus_per_run=2, retry_diverged=True)
+        slurm_array.array_script(tmp_path, [])
+    retry = slurm_array.array_script(tmp_path / "sw", [3], gpus_per_run=2, retry_diverged=True)
     assert retry.rstrip().endswith(
         '--index "$SLURM_ARRAY_TASK_ID" --nproc-per-run 2 --retry-diverged'
     )
@@ -180,22 +181,22 @@ def test_slurm_dry_run_prints_script(tmp_path, capsys):
 def test_a_run_held_by_another_sweep_process_is_not_started_again(tmp_path):
     spec = _write_spec(tmp_path, tiny_dict(), {"train.seed": [1]})
     out = tmp_path / "out"
-    entry = sweep.prepare(spec, out)[0]
+    entry = state.prepare(spec, out)[0]
     run_dir = out / entry["run_dir"]
-    with sweep._claim(run_dir) as mine:  # what a second process sees while the first trains
+    with state.claim(run_dir) as mine:  # what a second process sees while the first trains
         assert mine
-        status = sweep.execute(out, entry)
+        status = runner.execute(out, entry)
     assert status["state"] == "running"
     assert not (run_dir / "train.log").exists()  # nothing was started
 
 
 def test_runs_of_several_processes_go_through_the_node_wrapper(tmp_path):
-    cmd = sweep.train_command(tmp_path / "c.yaml", tmp_path / "r", nproc=2)
+    cmd = runner.train_command(tmp_path / "c.yaml", tmp_path / "r", nproc=2)
     assert cmd[1:3] == ["-m", "megatron_dyt.launch.node"] and "--nproc-per-node=2" in cmd
     # the trainer's own record decides how an invocation ended, not torchrun's exit code
     (tmp_path / "status.json").write_text(json.dumps({"state": "stopped", "time": 10.0}))
-    assert sweep._trainer_state(tmp_path, since=5.0) == "stopped"
-    assert sweep._trainer_state(tmp_path, since=20.0) is None  # an earlier invocation's
+    assert state.trainer_state(tmp_path, since=5.0) == "stopped"
+    assert state.trainer_state(tmp_path, since=20.0) is None  # an earlier invocation's
 
 
 # ---- running: done, failed, diverged, resume ---------------------------------------------------
@@ -220,7 +221,7 @@ def test_local_sweep_records_done_failed_diverged_and_resumes(corpus, tmp_path, 
     args = ["sweep", "run", str(spec), "--out", str(out), "--parallel", "2", "--no-progress"]
     assert main(args) == 1  # a failed run makes the sweep exit non-zero
     plan = json.loads((out / "plan.json").read_text())
-    status = [sweep.read_status(out / e["run_dir"]) for e in plan]
+    status = [state.read_status(out / e["run_dir"]) for e in plan]
     assert [s["state"] for s in status] == ["done", "diverged", "failed"]
     assert [s["exit_code"] for s in status] == [0, 1, 2]
     assert "loss is nan at step 2: training diverged" in status[1]["message"]
@@ -231,7 +232,7 @@ def test_local_sweep_records_done_failed_diverged_and_resumes(corpus, tmp_path, 
     # Again: the done and diverged runs are skipped, the failed one is retried.
     logs = [(out / s["log"]).stat().st_size for s in status]
     assert main(args) == 1
-    again = [sweep.read_status(out / e["run_dir"]) for e in plan]
+    again = [state.read_status(out / e["run_dir"]) for e in plan]
     assert again[0] == status[0] and again[1] == status[1]
     assert [(out / s["log"]).stat().st_size for s in again[:2]] == logs[:2]
     assert again[2]["state"] == "failed" and again[2]["started"] > status[2]["started"]
@@ -253,6 +254,52 @@ def test_local_sweep_records_done_failed_diverged_and_resumes(corpus, tmp_path, 
     assert rows[0]["case"] == "0.02" and rows[1]["exit_code"] == "1"
     md = (out / "report/report.md").read_text()
     assert "final training loss" in md and "| run1e+30 | diverged | 1 |" in md
+
+
+# A stand-in for `megatron-dyt train`: writes the trainer's status.json (if given a state) and
+# a log line, then exits 1 as the trainer does when it stops on a NaN/Inf loss.
+_FAKE_TRAIN = """
+import json, pathlib, sys, time
+run_dir, state, line = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+if state:
+    record = {"state": state, "step": 4, "train_steps": 10, "time": time.time()}
+    (run_dir / "status.json").write_text(json.dumps(record))
+print(line)
+sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize(
+    "trainer,line,want",
+    [
+        ("diverged", "megatron-dyt: error: loss is inf at step 5", "diverged"),
+        # the log's words alone decide nothing: no status.json from the trainer, a failure
+        (None, "megatron-dyt: error: loss is nan at step 2: training diverged", "failed"),
+    ],
+    ids=["status-json-diverged", "log-words-only"],
+)
+def test_divergence_is_read_from_the_trainers_status_json(
+    tmp_path, monkeypatch, trainer, line, want
+):
+    spec = _write_spec(tmp_path, tiny_dict(), {"train.seed": [1]})
+    out = tmp_path / "out"
+    entry = state.prepare(spec, out)[0]
+    run_dir = out / entry["run_dir"]
+    monkeypatch.setattr(
+        runner,
+        "train_command",
+        lambda config, folder, nproc=1: (
+            [sys.executable, "-c", _FAKE_TRAIN, str(folder)] + [trainer or "", line]
+        ),
+    )
+    status = runner.execute(out, entry)
+    assert status["state"] == want and status["exit_code"] == 1
+    assert state.read_status(run_dir)["state"] == want
+    assert status["message"] == line  # the log's last words are still shown, for context
+    log = (run_dir / "train.log").read_text()
+    assert ("training diverged" in log) == (trainer is None)
+    rows = report.collect(out)
+    assert [(r.name, r.state) for r in rows] == [(entry["name"], want)]
 
 
 def test_interrupted_sweep_checkpoints_and_resumes(corpus, tmp_path):
@@ -279,13 +326,13 @@ def test_interrupted_sweep_checkpoints_and_resumes(corpus, tmp_path):
     proc.send_signal(signal.SIGINT)  # Ctrl-C: the sweep asks its training to save and stop
     proc.communicate(timeout=120)
     assert proc.returncode == 130
-    status = sweep.read_status(out / "runs/seed7")
+    status = state.read_status(out / "runs/seed7")
     assert status["state"] == "pending" and status["exit_code"] == 0
     assert 2 <= status["step"] < 20  # a checkpoint of where it stopped
 
     again = subprocess.run([*cmd, "--no-progress"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
-    assert sweep.read_status(out / "runs/seed7")["state"] == "done"
+    assert state.read_status(out / "runs/seed7")["state"] == "done"
     log = (out / "runs/seed7/train.log").read_text()
     assert f"(step {status['step']})" in log  # resumed, not restarted
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
@@ -298,24 +345,46 @@ def test_interrupted_sweep_checkpoints_and_resumes(corpus, tmp_path):
 def test_t_quantile_matches_tables():
     # Two-sided 95% Student t critical values.
     for df, t in [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (10, 2.2281), (30, 2.0423)]:
-        assert report.t_quantile(0.95, df) == pytest.approx(t, abs=1e-4)
+        assert stats.t_quantile(0.95, df) == pytest.approx(t, abs=1e-4)
     scipy_stats = pytest.importorskip("scipy.stats")
     for df in range(1, 40):
-        assert report.t_quantile(0.95, df) == pytest.approx(scipy_stats.t.ppf(0.975, df), rel=1e-9)
+        assert stats.t_quantile(0.95, df) == pytest.approx(scipy_stats.t.ppf(0.975, df), rel=1e-9)
+
+
+def test_t_interval_against_closed_forms_and_tables():
+    # df 1 and 2 have closed forms: t = tan(π·c/2) and t = c·√(2 / (1 − c²)).
+    for c in (0.5, 0.9, 0.95, 0.99):
+        assert stats.t_quantile(c, 1) == pytest.approx(math.tan(math.pi * c / 2), rel=1e-12)
+        assert stats.t_quantile(c, 2) == pytest.approx(c * math.sqrt(2 / (1 - c * c)), rel=1e-12)
+    # Other confidences than 95% (two-sided critical values from a t table).
+    assert stats.t_quantile(0.99, 5) == pytest.approx(4.0321, abs=1e-4)
+    assert stats.t_quantile(0.90, 10) == pytest.approx(1.8125, abs=1e-4)
+    # A textbook interval: 2, 4, 6, 8 → mean 5, s = √(20/3), 5 ± 3.1824 · s / √4.
+    s = stats.spread([2.0, 4.0, 6.0, 8.0])
+    half = 3.182446 * math.sqrt(20 / 3) / 2
+    assert (s.n, s.mean, s.std) == (4, 5.0, pytest.approx(math.sqrt(20 / 3)))
+    assert (s.ci_low, s.ci_high) == (pytest.approx(5 - half), pytest.approx(5 + half))
+    assert (round(s.ci_low, 3), round(s.ci_high, 3)) == (0.891, 9.109)
+    # Identical seeds: no spread, an interval of zero width (not nan).
+    same = stats.spread([3.0, 3.0, 3.0])
+    assert (same.std, same.ci_low, same.ci_high) == (0.0, 3.0, 3.0)
+    assert all(math.isnan(v) for v in (stats.spread([]).mean, stats.spread([]).std))
+    with pytest.raises(ValueError, match="needs at least 1 degree of freedom"):
+        stats.t_quantile(0.95, 0)
 
 
 def test_spread_and_power_law_fit():
-    s = report.spread([3.0, 3.1, 3.2])
+    s = stats.spread([3.0, 3.1, 3.2])
     half = 4.302652729911275 * 0.1 / math.sqrt(3)
     assert (s.n, s.mean, s.std) == (3, pytest.approx(3.1), pytest.approx(0.1))
     assert (s.ci_low, s.ci_high) == (pytest.approx(3.1 - half), pytest.approx(3.1 + half))
-    one = report.spread([2.0])
+    one = stats.spread([2.0])
     assert one.mean == 2.0 and math.isnan(one.std) and math.isnan(one.ci_low)
     widths = [256, 512, 1024, 4096]
-    slope, c = report.fit_power_law(widths, [7.5 * w**-0.75 for w in widths])
+    slope, c = stats.fit_power_law(widths, [7.5 * w**-0.75 for w in widths])
     assert slope == pytest.approx(-0.75) and c == pytest.approx(7.5)
     with pytest.raises(ValueError, match="at least 2 different widths"):
-        report.fit_power_law([64, 64], [1.0, 0.5])
+        stats.fit_power_law([64, 64], [1.0, 0.5])
 
 
 # Synthetic sweep: the best α₀ follows a known power law in width; seeds add 0, 0.01, 0.02.
@@ -360,7 +429,7 @@ def _fake_sweep(tmp_path: Path, widths: list[int], diverged: set[str] = frozense
         },
     )
     out = tmp_path / "sweep"
-    plan = sweep.prepare(spec, out)
+    plan = state.prepare(spec, out)
     for e in plan:
         run_dir = out / e["run_dir"]
         run_dir.mkdir(parents=True)
@@ -371,7 +440,7 @@ def _fake_sweep(tmp_path: Path, widths: list[int], diverged: set[str] = frozense
         writer.write(10, {"loss": loss + 0.4, "valid_loss": loss + 0.2})
         if e["name"] in diverged:
             writer.close()
-            sweep.write_status(
+            state.write_status(
                 run_dir,
                 {"state": "diverged", "exit_code": 1, "message": "loss is nan at step 11"},
             )
@@ -379,7 +448,7 @@ def _fake_sweep(tmp_path: Path, widths: list[int], diverged: set[str] = frozense
         writer.write(20, {"loss": loss + 0.1, "valid_loss": loss})
         writer.write(30, {"loss": loss + 0.05, "valid_loss": loss + 0.003})  # overfits a bit
         writer.close()
-        sweep.write_status(run_dir, {"state": "done", "exit_code": 0})
+        state.write_status(run_dir, {"state": "done", "exit_code": 0})
     return out
 
 
@@ -430,8 +499,8 @@ def test_report_numbers_tables_fit_and_figures(tmp_path):
 
     # Fit on widths 64 and 1024 (exact power laws) plus 256's runner-up.
     widths = [64, 256, 1024]
-    want_attn = report.fit_power_law(widths, [1.0, second[0], 0.25])[0]
-    want_other = report.fit_power_law(widths, [0.5, second[1], 0.03125])[0]
+    want_attn = stats.fit_power_law(widths, [1.0, second[0], 0.25])[0]
+    want_other = stats.fit_power_law(widths, [0.5, second[1], 0.03125])[0]
     slopes = {s["component"]: s["slope"] for s in result.fits}
     assert slopes == {"attn": pytest.approx(want_attn), "other": pytest.approx(want_other)}
     assert f"width^{want_attn:.3f}" in md
@@ -479,7 +548,7 @@ def test_report_keeps_other_axes_apart_and_unfinished_runs_are_not_failures(tmp_
         },
     )
     out = tmp_path / "sweep"
-    plan = sweep.prepare(spec, out)
+    plan = state.prepare(spec, out)
     for e in plan:
         run_dir = out / e["run_dir"]
         if e["axes"] == {"final": 1.0, "warmup": 6}:
@@ -489,7 +558,7 @@ def test_report_keeps_other_axes_apart_and_unfinished_runs_are_not_failures(tmp_
         writer = MetricsWriter(run_dir, cfg, enabled=True)
         writer.write(10, {"loss": 3.0, "valid_loss": 3.0 if e["axes"]["final"] == 0.5 else 5.0})
         writer.close()
-        sweep.write_status(run_dir, {"state": "done", "exit_code": 0})
+        state.write_status(run_dir, {"state": "done", "exit_code": 0})
     tables = report.tables(report.collect(out), "final_valid")
     assert [dict(t.group) for t in tables] == [
         {"final": 0.5, "warmup": 6},
@@ -505,13 +574,13 @@ def test_report_keeps_other_axes_apart_and_unfinished_runs_are_not_failures(tmp_
 
 def test_parallel_runs_get_gpus_of_their_own(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
-    assert sweep.gpu_blocks(2, 4) == ["0,1,2,3", "4,5,6,7"]
-    assert sweep.gpu_blocks(1, 4) is None  # one run at a time sees every GPU
+    assert runner.gpu_blocks(2, 4) == ["0,1,2,3", "4,5,6,7"]
+    assert runner.gpu_blocks(1, 4) is None  # one run at a time sees every GPU
     with pytest.warns(UserWarning, match="--parallel 3 runs × --gpus-per-run 4 need 12 GPUs"):
-        assert sweep.gpu_blocks(3, 4) is None  # not enough for each its own: they share
+        assert runner.gpu_blocks(3, 4) is None  # not enough for each its own: they share
     spec = _write_spec(tmp_path, tiny_dict(), {"train.seed": [1, 2, 3, 4, 5, 6]})
     out = tmp_path / "out"
-    plan = sweep.prepare(spec, out)
+    plan = state.prepare(spec, out)
     active, used, clashes, lock = set(), [], [], threading.Lock()
 
     def fake_execute(sweep_dir, entry, *, gpus, **kwargs):
@@ -524,7 +593,7 @@ def test_parallel_runs_get_gpus_of_their_own(tmp_path, monkeypatch):
             active.discard(gpus)
         return {"state": "done", "seconds": 0}
 
-    monkeypatch.setattr(sweep, "execute", fake_execute)
-    summary = sweep.run_local(out, plan, parallel=2, nproc=4, progress=False)
+    monkeypatch.setattr(runner, "execute", fake_execute)
+    summary = runner.run_local(out, plan, parallel=2, nproc=4, progress=False)
     assert summary.counts == {"done": 6} and not any(clashes)
     assert sorted(set(used)) == ["0,1,2,3", "4,5,6,7"]

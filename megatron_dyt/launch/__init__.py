@@ -1,1 +1,1 @@
-"""Launching runs: SLURM sbatch jobs, local multi-process runs and alpha0 sweeps."""
+"""Launching runs: SLURM sbatch jobs and local multi-process runs (sweeps: `megatron_dyt.sweep`)."""

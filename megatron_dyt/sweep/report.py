@@ -1,6 +1,6 @@
 """`megatron-dyt sweep report`: the best α₀ per width, with seed spread, heat-maps and a fit.
 
-Every run of a sweep folder (see sweep.py) gives one CSV row: its grid values, seed, final
+Every run of a sweep folder (see state.py) gives one CSV row: its grid values, seed, final
 training loss, final and best validation loss and state. Runs are grouped by width and by any
 grid axis other than width, α₀ and seed (depth, tokens, ...); in each group a table and a
 heat-map show the α₀ᵃᵗᵗⁿ × α₀ᵒᵗʰᵉʳ cells as mean ± std over seeds. A cell where any seed
@@ -22,7 +22,10 @@ from typing import Any
 import numpy as np
 import yaml
 
-from megatron_dyt.launch.sweep import load_plan, read_status
+from megatron_dyt.fileio import atomic_write
+from megatron_dyt.sweep.spec import SweepError
+from megatron_dyt.sweep.state import load_plan, read_status
+from megatron_dyt.sweep.stats import Spread, fit_power_law, spread
 
 # The DyT paper's optimal (α₀ᵃᵗᵗⁿ, α₀ᵒᵗʰᵉʳ) per width, tuned at 30B tokens (docs/design.md §1).
 PAPER_OPTIMA = {1024: (1.0, 1.0), 2048: (1.0, 0.5), 4096: (0.8, 0.2), 8192: (0.2, 0.05)}
@@ -42,74 +45,6 @@ _CELL_KEYS = {
     "model.norm.alpha_mlp",
     "train.seed",
 }
-
-
-# ---- statistics --------------------------------------------------------------------------------
-
-
-def t_cdf_two_sided(t: float, df: int) -> float:
-    """P(|T| < t) for Student's t with integer df (closed form, Abramowitz & Stegun 26.7.3-4)."""
-    theta = math.atan(abs(t) / math.sqrt(df))
-    s, c = math.sin(theta), math.cos(theta)
-    if df % 2:  # odd
-        if df == 1:
-            return 2 * theta / math.pi
-        term, total = c, c
-        for k in range(3, df - 1, 2):
-            term *= (k - 1) / k * c * c
-            total += term
-        return 2 / math.pi * (theta + s * total)
-    term, total = 1.0, 1.0
-    for k in range(2, df - 1, 2):
-        term *= (k - 1) / k * c * c
-        total += term
-    return s * total
-
-
-def t_quantile(confidence: float, df: int) -> float:
-    """The t with P(|T| < t) = confidence (e.g. 0.95 → 12.706 at df 1, 2.776 at df 4)."""
-    if df < 1:
-        raise ValueError(f"df={df}: needs at least 1 degree of freedom")
-    lo, hi = 0.0, 1.0
-    while t_cdf_two_sided(hi, df) < confidence:
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if t_cdf_two_sided(mid, df) < confidence:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
-
-
-@dataclass
-class Spread:
-    n: int
-    mean: float
-    std: float  # sample std (n - 1); nan for one value
-    ci_low: float  # 95% t-interval of the mean; nan for one value
-    ci_high: float
-
-
-def spread(values: list[float], confidence: float = 0.95) -> Spread:
-    """Mean, sample std and the t-interval of the mean over seeds."""
-    n = len(values)
-    if n == 0:
-        return Spread(0, math.nan, math.nan, math.nan, math.nan)
-    mean = float(np.mean(values))
-    if n == 1:
-        return Spread(1, mean, math.nan, math.nan, math.nan)
-    std = float(np.std(values, ddof=1))
-    half = t_quantile(confidence, n - 1) * std / math.sqrt(n)
-    return Spread(n, mean, std, mean - half, mean + half)
-
-
-def fit_power_law(widths: list[float], alphas: list[float]) -> tuple[float, float]:
-    """Least squares of log α = log c + b·log width; returns (slope b, prefactor c)."""
-    if len(set(widths)) < 2:
-        raise ValueError("a fit against width needs at least 2 different widths")
-    b, log_c = np.polyfit(np.log(widths), np.log(alphas), 1)
-    return float(b), float(math.exp(log_c))
 
 
 # ---- collecting runs ---------------------------------------------------------------------------
@@ -178,6 +113,7 @@ def _group_axes(sweep_dir: Path) -> list[str]:
 
 
 def collect(sweep_dir: str | Path) -> list[RunRow]:
+    """One row per planned run: where its config puts it in the tables, its state and losses."""
     sweep_dir = Path(sweep_dir)
     plan = load_plan(sweep_dir)
     group_axes = _group_axes(sweep_dir)
@@ -208,9 +144,11 @@ def collect(sweep_dir: str | Path) -> list[RunRow]:
 
 
 def choose_metric(rows: list[RunRow], metric: str) -> str:
+    """The metric to rank by: as asked, or (auto) the final validation loss when every finished
+    run has one, else the final training loss."""
     if metric != "auto":
         if metric not in METRICS:
-            raise ValueError(f"metric {metric!r}: allowed: auto, {', '.join(METRICS)}")
+            raise SweepError(f"metric {metric!r}: allowed: auto, {', '.join(METRICS)}")
         return metric
     done = [r for r in rows if r.state == "done"]
     if done and all(r.final_valid is not None for r in done):
@@ -609,9 +547,7 @@ def write_report(
     width_tables = tables(rows, metric)
 
     csv_path = folder / "results.csv"
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp-{os.getpid()}")
-    tmp.write_text(_csv_text(rows))
-    os.replace(tmp, csv_path)
+    atomic_write(csv_path, _csv_text(rows))
 
     states: dict[str, int] = {}
     for r in rows:
@@ -681,9 +617,7 @@ def write_report(
             msg = (r.message or "").replace("|", "\\|")
             md.append(f"| {r.name} | {r.state} | {_num(r.exit_code or '')} | {msg} |")
     md_path = folder / "report.md"
-    tmp = md_path.with_name(f".{md_path.name}.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(md) + "\n")
-    os.replace(tmp, md_path)
+    atomic_write(md_path, "\n".join(md) + "\n")
 
     summary = [
         f"{len(rows)} runs (" + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) + ")"

@@ -1,0 +1,266 @@
+"""The sweep spec: a grid of config values, expanded into named, validated runs.
+
+Kept apart from running and reporting so that a spec can be checked (every run's config
+validated, names unique) before anything is written or started, and so the rest of the
+package shares one reading of it. A spec (YAML) names a base config, overrides for every run
+and a grid of axes:
+
+    base: ../tiny-dyt.yaml                 # relative to the spec file (or the current folder)
+    overrides: {train.train_steps: 50}
+    grid:
+      width:                               # tied keys: one value sets several config keys
+        keys: [model.hidden_size, model.num_heads, model.ffn_hidden_size]
+        values: [[64, 2, 176], [128, 4, 352]]
+      model.norm.alpha_attn: [0.5, 1.0]    # a plain axis: a dotted config key and its values
+      alpha_other: {keys: [model.norm.alpha_mlp, model.norm.alpha_final], values: [0.5, 1.0]}
+      seed: {keys: [train.seed], values: [1, 2]}
+    name: "w{width}-a{model.norm.alpha_attn}-o{alpha_other}-s{seed}"   # optional
+
+Every combination of axis values is one run; every run's config is validated before anything
+runs, so a typo fails at once with the run's name.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_dyt.config import Config, ConfigError, apply_overrides, config_from_dict
+from megatron_dyt.errors import MegatronDyTError
+
+SPEC_KEYS = ("base", "overrides", "grid", "name")
+
+
+class SweepError(MegatronDyTError, ValueError):
+    """A sweep cannot go ahead as asked (a bad run index, nothing to submit); the message says
+    why. A ValueError too, for callers that catch those."""
+
+
+@dataclass
+class Axis:
+    """One grid dimension: its values set one or several (tied) config keys together."""
+
+    name: str
+    keys: list[str]
+    values: list[Any]
+
+    def settings(self, value: Any) -> dict[str, Any]:
+        """The config keys one value of this axis sets (a tied axis: one value per key, or
+        the same value for all of them)."""
+        if len(self.keys) == 1:
+            return {self.keys[0]: value}
+        if isinstance(value, list):
+            return dict(zip(self.keys, value, strict=True))
+        return dict.fromkeys(self.keys, value)
+
+    @staticmethod
+    def label(value: Any) -> Any:
+        """The value a report shows for this axis: a scalar, or the first of tied values."""
+        return value[0] if isinstance(value, list) else value
+
+
+@dataclass
+class SweepSpec:
+    """A parsed spec; `source` names it in error messages."""
+
+    base: Path | None
+    overrides: dict[str, Any]
+    axes: list[Axis]
+    name: str | None = None
+    source: str = "(spec)"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as YAML data, with the base config's path made absolute (sweep.yaml)."""
+        return {
+            "base": str(self.base) if self.base else None,
+            "overrides": self.overrides,
+            "grid": {a.name: {"keys": a.keys, "values": a.values} for a in self.axes},
+            "name": self.name,
+        }
+
+
+@dataclass
+class Run:
+    """One combination of axis values: what a run of the sweep trains with."""
+
+    index: int
+    name: str
+    axes: dict[str, Any]  # axis name -> label
+    settings: dict[str, Any] = field(default_factory=dict)  # dotted config key -> value
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read and check a sweep spec; the base config path is resolved against the spec's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep spec '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"sweep spec '{path}' is not valid YAML: {exc}") from None
+    return spec_from_dict(data, path.parent, str(path))
+
+
+def spec_from_dict(data: Any, folder: Path = Path("."), source: str = "(spec)") -> SweepSpec:
+    """Check spec data (from YAML): known keys, a base that exists, well-formed axes, one axis
+    per config key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"sweep spec {source} must hold a mapping, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(SPEC_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"sweep spec {source}: unknown key {unknown[0]!r} (allowed: {', '.join(SPEC_KEYS)})"
+        )
+    base = None
+    if data.get("base") is not None:
+        base = Path(str(data["base"]))
+        if not base.is_absolute():
+            base = folder / base if (folder / base).is_file() else base
+        if not base.is_file():
+            raise ConfigError(
+                f"sweep spec {source}: base config '{data['base']}' not found (looked in"
+                f" '{folder}' and the current folder)"
+            )
+        base = base.resolve()
+    overrides = data.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"sweep spec {source}: 'overrides' must map dotted keys to values")
+    grid = data.get("grid")
+    if not isinstance(grid, dict) or not grid:
+        raise ConfigError(
+            f"sweep spec {source}: 'grid' must map axes to value lists, e.g."
+            " grid: {model.norm.alpha_attn: [0.5, 1.0]}"
+        )
+    axes = [_parse_axis(str(name), entry, source) for name, entry in grid.items()]
+    owner: dict[str, str] = {}
+    for axis in axes:
+        for key in axis.keys:
+            if key in owner:
+                raise ConfigError(
+                    f"sweep spec {source}: grid axes {owner[key]!r} and {axis.name!r} both set"
+                    f" {key}; one axis per key (tie keys into one axis with 'keys')"
+                )
+            owner[key] = axis.name
+    name = data.get("name")
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"sweep spec {source}: 'name' must be a template string")
+    return SweepSpec(base, dict(overrides), axes, name, source)
+
+
+def _parse_axis(name: str, entry: Any, source: str) -> Axis:
+    where = f"sweep spec {source}: grid.{name}"
+    if isinstance(entry, list):
+        keys, values = [name], entry
+    elif isinstance(entry, dict) and set(entry) == {"keys", "values"}:
+        keys = [entry["keys"]] if isinstance(entry["keys"], str) else entry["keys"]
+        values = entry["values"]
+        if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
+            raise ConfigError(f"{where}: 'keys' must be a dotted key or a list of them")
+        if not isinstance(values, list):
+            raise ConfigError(f"{where}: 'values' must be a list")
+    else:
+        raise ConfigError(
+            f"{where}: expected a list of values or {{keys: [...], values: [...]}}, got {entry!r}"
+        )
+    if not values:
+        raise ConfigError(f"{where}: has no values")
+    for v in values:
+        if isinstance(v, list) and len(v) != len(keys):
+            raise ConfigError(
+                f"{where}: value {v!r} has {len(v)} entries for {len(keys)} keys {keys};"
+                " give one value per key, or a single value for all of them"
+            )
+    return Axis(name, list(keys), list(values))
+
+
+def expand(spec: SweepSpec) -> list[Run]:
+    """The cartesian product of the grid's axes, in spec order (the last axis varies fastest)."""
+    runs = []
+    for index, combo in enumerate(itertools.product(*(a.values for a in spec.axes))):
+        settings = dict(spec.overrides)
+        axes = {}
+        for axis, value in zip(spec.axes, combo, strict=True):
+            settings.update(axis.settings(value))
+            axes[axis.name] = Axis.label(value)
+        runs.append(Run(index, _run_name(spec, axes), axes, settings))
+    seen: dict[str, int] = {}
+    for run in runs:
+        if run.name in seen:
+            raise ConfigError(
+                f"sweep spec {spec.source}: runs {seen[run.name]} and {run.index} are both named"
+                f" {run.name!r}; make the 'name' template use every axis"
+                f" ({', '.join(a.name for a in spec.axes)}), and give tied axes values whose"
+                " first entries differ (names and reports show the first)"
+            )
+        seen[run.name] = run.index
+    return runs
+
+
+def format_value(value: Any, fmt: str = "") -> str:
+    """An axis value as run names and listings show it (floats without trailing zeros)."""
+    if fmt:
+        return format(value, fmt)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _run_name(spec: SweepSpec, axes: dict[str, Any]) -> str:
+    if spec.name is None:
+        name = "-".join(f"{k.rpartition('.')[2]}{format_value(v)}" for k, v in axes.items())
+    else:
+
+        def field_value(match: re.Match) -> str:
+            key, fmt = match.group(1), match.group(2) or ""
+            if key not in axes:
+                raise ConfigError(
+                    f"sweep spec {spec.source}: name template field {{{key}}} is not an axis"
+                    f" (axes: {', '.join(axes)})"
+                )
+            try:
+                return format_value(axes[key], fmt)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(
+                    f"sweep spec {spec.source}: name template field {match.group(0)} cannot"
+                    f" format {axes[key]!r}: {exc}"
+                ) from None
+
+        name = re.sub(r"\{([^{}:]+)(?::([^{}]*))?\}", field_value, spec.name)
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", name)
+
+
+def load_base(spec: SweepSpec) -> dict[str, Any]:
+    """The base config as a plain tree (empty: the defaults), for overrides per run."""
+    if spec.base is None:
+        return {}
+    try:
+        tree = yaml.safe_load(spec.base.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"base config '{spec.base}' is not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"base config '{spec.base}' must hold a mapping")
+    return tree
+
+
+def run_config(base_tree: dict[str, Any], run: Run, base_name: str = "(defaults)") -> Config:
+    """The validated config of one run; errors name the run."""
+    tree = copy.deepcopy(base_tree)
+    try:
+        apply_overrides(tree, {str(key): value for key, value in run.settings.items()})
+    except ConfigError as exc:
+        raise ConfigError(f"sweep run {run.index} '{run.name}': {exc}") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # vocab padding notes, once per run, are noise here
+        return config_from_dict(tree, f"of sweep run {run.index} '{run.name}' (base {base_name})")
+
+
+def validate(spec: SweepSpec) -> list[tuple[Run, Config]]:
+    """Expand and validate every run up front: a bad key or value fails before anything runs."""
+    tree = load_base(spec)
+    base_name = str(spec.base) if spec.base else "(defaults)"
+    return [(run, run_config(tree, run, base_name)) for run in expand(spec)]
