@@ -50,8 +50,17 @@ def test_round_trip(path, tmp_path):
                 yield f"{prefix}{k}", v
 
     full = dict(leaves(yaml.safe_load(text)))
-    for key, value in leaves(yaml.safe_load(path.read_text())):
+    for key, value in leaves(load_tree(path)):  # the file and its bases
         assert full[key] == value, key
+
+
+def test_llama_presets_are_short():
+    """The shared recipe lives in configs/base/llama.yaml; a preset says only what is its own."""
+    llama = [p for p in PRESETS if p.stem.startswith("llama-")]
+    assert len(llama) == 8
+    for path in llama:
+        assert len(path.read_text().splitlines()) <= 15, path.name
+        assert "base" in yaml.safe_load(path.read_text()), path.name
 
 
 def test_paper_recipe_in_dyt_presets():
