@@ -1,4 +1,4 @@
-"""The `megatron-dyt` command: info, train, eval, data, launch, convert, sweep."""
+"""The `megatron-dyt` command: info, config, train, eval, data, launch, convert, sweep."""
 
 from __future__ import annotations
 
@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also build the model on CPU and run forward+backward once",
     )
     info.set_defaults(func=cmd_info)
+
+    from megatron_dyt.config_cli import add_config_parser
+
+    add_config_parser(sub)
 
     train = sub.add_parser(
         "train",

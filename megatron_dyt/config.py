@@ -50,18 +50,38 @@ NormBackend = Literal["torch", "triton"]
 class NormConfig(_Section):
     """Which normalization every site of the model gets (docs/design.md §1)."""
 
-    kind: NormKind = "rmsnorm"
-    # DyT/Derf α₀ per site; the paper's LLaMA recipe: attention uses α₀ᵃᵗᵗⁿ, mlp and final α₀ᵒᵗʰᵉʳ.
-    alpha_attn: float = 0.5
-    alpha_mlp: float = 0.5
-    alpha_final: float = 0.5
-    beta: bool = True  # DyT/Derf shift β; the paper drops it for LLaMA
-    learnable_alpha: bool = True
-    squash: Squash = "tanh"  # DyT only: the paper's squashing-function ablation
-    derf_shift: float = 0.0  # Derf's learnable s, initial value s₀
-    eps: float = 1e-5  # RMSNorm / LayerNorm
-    # DyT/Derf: fused Triton kernels on CUDA (the torch reference on CPU, with a notice)
-    backend: NormBackend = "triton"
+    kind: NormKind = Field(
+        "rmsnorm",
+        description="The norm at every site: rmsnorm, layernorm, dyt (γ·f(α·x)+β) or derf"
+        " (γ·erf(α·x+s)+β).",
+    )
+    alpha_attn: float = Field(
+        0.5, description="DyT/Derf initial α (α₀, > 0) of the norm in front of attention: α₀ᵃᵗᵗⁿ."
+    )
+    alpha_mlp: float = Field(
+        0.5, description="DyT/Derf α₀ (> 0) of the norm in front of the FFN: the paper's α₀ᵒᵗʰᵉʳ."
+    )
+    alpha_final: float = Field(
+        0.5, description="DyT/Derf α₀ (> 0) of the final norm, before the output head: α₀ᵒᵗʰᵉʳ too."
+    )
+    beta: bool = Field(
+        True, description="DyT/Derf per-channel shift β; the paper drops it for LLaMA."
+    )
+    learnable_alpha: bool = Field(
+        True, description="Train DyT/Derf α; false keeps it at α₀, with no optimizer state."
+    )
+    squash: Squash = Field(
+        "tanh",
+        description="DyT's squashing function f, the paper's ablation (identity is expected to"
+        " diverge); DyT only.",
+    )
+    derf_shift: float = Field(0.0, description="Derf's learnable shift s: its initial value s₀.")
+    eps: float = Field(1e-5, description="RMSNorm/LayerNorm epsilon (> 0), added to the variance.")
+    backend: NormBackend = Field(
+        "triton",
+        description="DyT/Derf implementation: triton (fused kernels on CUDA; on CPU the torch"
+        " reference, with a notice) or torch (the reference).",
+    )
 
     def alpha(self, site: NormSite) -> float:
         return {"attention": self.alpha_attn, "mlp": self.alpha_mlp, "final": self.alpha_final}[
@@ -90,30 +110,59 @@ class NormConfig(_Section):
 
 
 class InitConfig(_Section):
-    std: float = Field(0.02, gt=0)
-    # Output projections of attention and MLP get std / sqrt(2 * num_layers) (GPT-2 / Megatron).
-    scaled_output_init: bool = True
-    # Generate every full weight from a per-tensor seed, then take this rank's slice: the same
-    # model at any TP/PP layout for the same seed. Off: each rank draws only its own slice.
-    layout_invariant: bool = True
+    """How the weights are initialised (megatron_dyt/model/init.py)."""
+
+    std: float = Field(
+        0.02, gt=0, description="Standard deviation of the normal init of every weight matrix."
+    )
+    scaled_output_init: bool = Field(
+        True,
+        description="Attention and MLP output projections get std / √(2·num_layers)"
+        " (GPT-2 / Megatron).",
+    )
+    layout_invariant: bool = Field(
+        True,
+        description="Draw every full weight from a per-tensor seed, then take this rank's slice:"
+        " the same model at any TP/PP layout. false: each rank draws only its own slice.",
+    )
 
 
 class ModelConfig(_Section):
-    name: str = "llama"
-    hidden_size: int = Field(4096, gt=0)
-    num_layers: int = Field(32, gt=0)
-    num_heads: int = Field(32, gt=0)
-    num_kv_heads: int | None = Field(None, gt=0)  # None: same as num_heads (no GQA)
-    ffn_hidden_size: int = Field(11008, gt=0)
-    vocab_size: int = Field(32000, gt=0)
-    # The embedding table and output head are padded to a multiple of lcm(this, TP size).
-    make_vocab_size_divisible_by: int = Field(128, gt=0)
-    seq_length: int = Field(4096, gt=0)
-    rope_theta: float = Field(10000.0, gt=0)
-    embedding_scale: bool = False  # learnable scalar on the embeddings, initialised to √d
-    attention_backend: Literal["auto", "sdpa", "flash"] = "auto"
-    norm: NormConfig = Field(default_factory=NormConfig)
-    init: InitConfig = Field(default_factory=InitConfig)
+    """The LLaMA model: its shape, vocabulary, positions, attention, norms and init."""
+
+    name: str = Field(
+        "llama", description="The model's name in run summaries, reports and SLURM job names."
+    )
+    hidden_size: int = Field(4096, gt=0, description="Width d of the residual stream.")
+    num_layers: int = Field(32, gt=0, description="Number of transformer blocks.")
+    num_heads: int = Field(32, gt=0, description="Attention (query) heads per block.")
+    num_kv_heads: int | None = Field(
+        None,
+        gt=0,
+        description="Key/value heads for grouped-query attention; null: num_heads (no GQA).",
+    )
+    ffn_hidden_size: int = Field(11008, gt=0, description="Inner width of the SwiGLU FFN.")
+    vocab_size: int = Field(32000, gt=0, description="Tokenizer vocabulary size.")
+    make_vocab_size_divisible_by: int = Field(
+        128,
+        gt=0,
+        description="The embedding table and output head are padded to a multiple of"
+        " lcm(this, parallel.tensor) rows.",
+    )
+    seq_length: int = Field(4096, gt=0, description="Training sequence length in tokens.")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency θ.")
+    embedding_scale: bool = Field(
+        False,
+        description="A learnable scalar multiplies the token embeddings, initialised to √d"
+        " (the DyT paper's LLaMA recipe).",
+    )
+    attention_backend: Literal["auto", "sdpa", "flash"] = Field(
+        "auto",
+        description="auto: flash-attn on CUDA in bf16/fp16 when installed, else PyTorch SDPA;"
+        " sdpa or flash to force one.",
+    )
+    norm: NormConfig = Field(default_factory=NormConfig, description=NormConfig.__doc__)
+    init: InitConfig = Field(default_factory=InitConfig, description=InitConfig.__doc__)
 
     @property
     def kv_heads(self) -> int:
@@ -140,52 +189,134 @@ class ModelConfig(_Section):
 
 
 class ParallelConfig(_Section):
-    tensor: int = Field(1, ge=1)
-    pipeline: int = Field(1, ge=1)
-    sequence_parallel: bool = False  # CUDA only (megatron-core's sequence-parallel ops)
-    zero_stage: Literal[0, 1, 2, 3] = 1
-    # ZeRO-3 keeps parameters smaller than this unpartitioned (DeepSpeed's default).
-    zero3_param_persistence_threshold: int = Field(100_000, ge=0)
+    """How the model is split over GPUs; data parallelism takes the remaining processes."""
+
+    tensor: int = Field(1, ge=1, description="Tensor-parallel size (TP): ranks sharing each layer.")
+    pipeline: int = Field(
+        1, ge=1, description="Pipeline-parallel size (PP): stages with equal numbers of blocks."
+    )
+    sequence_parallel: bool = Field(
+        False,
+        description="Split the activations outside tensor-parallel layers (norms, residuals)"
+        " along the sequence over the TP ranks; needs tensor > 1 and CUDA.",
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        1,
+        description="DeepSpeed ZeRO stage: 0 off, 1 partitions the optimizer state, 2 the"
+        " gradients too, 3 the parameters too; 2 and 3 need pipeline 1.",
+    )
+    zero3_param_persistence_threshold: int = Field(
+        100_000,
+        ge=0,
+        description="ZeRO-3 keeps parameters with fewer elements than this unpartitioned"
+        " (DeepSpeed's default).",
+    )
 
 
 class TrainConfig(_Section):
-    seed: int = Field(1234, ge=0, lt=2**32)  # numpy's and megatron's seeds are 32-bit
-    micro_batch_size: int = Field(1, ge=1)
-    global_batch_tokens: int = Field(4 * 1024 * 1024, ge=1)
-    train_steps: int = Field(50000, ge=1)
-    lr: float = Field(3e-4, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int | None = Field(None, ge=0)  # None: min(2000, train_steps // 20)
-    weight_decay: float = Field(0.1, ge=0)
-    weight_decay_policy: Literal["all", "matrices"] = "all"
-    dyt_lr_multiplier: float = Field(1.0, gt=0)
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.95, ge=0, lt=1)
-    adam_eps: float = Field(1e-8, gt=0)
-    grad_clip: float = Field(1.0, ge=0)
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    activation_checkpointing: Literal["none", "selective", "full"] = "none"
-    log_interval: int = Field(1, ge=1)  # steps between metrics.jsonl / TensorBoard records
-    save_interval: int = Field(1000, ge=0)  # steps between checkpoints (0: only at the end)
-    keep_checkpoints: int = Field(3, ge=1)  # the newest K checkpoints are kept
-    eval_interval: int = Field(1000, ge=0)  # steps between validation losses (0: never)
-    eval_samples: int = Field(64, ge=1)  # validation sequences per evaluation
-    # Steps whose loss is NaN/Inf that may be survived: rewind to the last checkpoint and leave
-    # that step's batch out. 0: stop at the first one.
-    skip_nonfinite_steps: int = Field(0, ge=0)
-    peak_tflops: float | None = Field(None, gt=0)  # per-GPU peak for MFU; None: known GPUs
-    wandb_project: str | None = None  # log to Weights & Biases too (if installed)
+    """The optimizer, lr schedule, batch, precision, checkpoints and logging of a run."""
+
+    # < 2**32: numpy's and megatron's seeds are 32-bit
+    seed: int = Field(
+        1234, ge=0, lt=2**32, description="Seed of the weight init, torch and the data order."
+    )
+    micro_batch_size: int = Field(
+        1, ge=1, description="Sequences per forward/backward pass on each data-parallel rank."
+    )
+    global_batch_tokens: int = Field(
+        4 * 1024 * 1024,
+        ge=1,
+        description="Tokens per optimizer step; a whole number of sequences, divisible by"
+        " micro_batch_size × data-parallel size.",
+    )
+    train_steps: int = Field(50000, ge=1, description="Optimizer steps in the run.")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate, reached at the end of warm-up.")
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="The cosine decay ends at this fraction of lr."
+    )
+    warmup_steps: int | None = Field(
+        None,
+        ge=0,
+        description="Steps of quadratic lr warm-up; null: min(2000, train_steps // 20).",
+    )
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
+    weight_decay_policy: Literal["all", "matrices"] = Field(
+        "all",
+        description="all: decay every parameter, α, γ and the embedding scale included (the DyT"
+        " paper); matrices: no decay on vectors and scalars (Megatron's habit).",
+    )
+    dyt_lr_multiplier: float = Field(
+        1.0,
+        gt=0,
+        description="lr multiplier for the DyT/Derf α and s and the embedding scale.",
+    )
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW β₁.")
+    adam_beta2: float = Field(0.95, ge=0, lt=1, description="AdamW β₂.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW ε.")
+    grad_clip: float = Field(
+        1.0, ge=0, description="Clip the global gradient norm to this (0: no clipping)."
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Training precision; auto: bf16 on GPU, fp32 on CPU."
+    )
+    activation_checkpointing: Literal["none", "selective", "full"] = Field(
+        "none",
+        description="Recompute activations in backward: selective (the attention core) or full"
+        " (whole blocks), to save memory.",
+    )
+    log_interval: int = Field(
+        1, ge=1, description="Steps between metrics.jsonl and TensorBoard records."
+    )
+    save_interval: int = Field(
+        1000, ge=0, description="Steps between checkpoints (0: only at the end)."
+    )
+    keep_checkpoints: int = Field(3, ge=1, description="The newest K checkpoints are kept.")
+    eval_interval: int = Field(
+        1000, ge=0, description="Steps between validation losses (0: never)."
+    )
+    eval_samples: int = Field(64, ge=1, description="Validation sequences per evaluation.")
+    skip_nonfinite_steps: int = Field(
+        0,
+        ge=0,
+        description="Steps with a NaN/Inf loss that may be survived by rewinding to the last"
+        " checkpoint and leaving that step's batch out; 0: stop at the first one.",
+    )
+    peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        description="Per-GPU peak TFLOP/s for MFU; null: known GPUs' dense bf16 peak.",
+    )
+    wandb_project: str | None = Field(
+        None, description="Also log to this Weights & Biases project (if wandb is installed)."
+    )
 
 
 class DataConfig(_Section):
     """Where training text comes from. `demo: true` uses the embedded corpus (no download)."""
 
-    demo: bool = False
-    tokenizer: str | None = None  # sentencepiece .model; the demo builds its own
-    paths: list[str] = Field(default_factory=list)  # indexed-dataset prefixes (no .bin/.idx)
-    weights: list[float] | None = None  # blend weights, one per path (None: proportional to size)
-    split: str = "98,2,0"  # train,valid,test shares of every dataset
-    cache_dir: str = ".cache/megatron-dyt"  # demo corpus, tokenizer and dataset index caches
+    demo: bool = Field(
+        False,
+        description="Train on the embedded demo corpus with its own tokenizer (no download).",
+    )
+    tokenizer: str | None = Field(
+        None, description="sentencepiece .model file; the demo builds its own."
+    )
+    paths: list[str] = Field(
+        default_factory=list,
+        description="Indexed-dataset prefixes (without .bin/.idx), e.g. from `megatron-dyt data"
+        " preprocess`.",
+    )
+    weights: list[float] | None = Field(
+        None,
+        description="Blend weights, one per path; null: proportional to each dataset's size.",
+    )
+    split: str = Field(
+        "98,2,0", description="train,valid,test shares of every dataset, e.g. '98,2,0'."
+    )
+    cache_dir: str = Field(
+        ".cache/megatron-dyt",
+        description="Folder for the demo corpus, its tokenizer and the dataset index caches.",
+    )
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> DataConfig:
@@ -222,27 +353,40 @@ class DataConfig(_Section):
 class EvalConfig(_Section):
     """Zero-shot evaluation during training (`megatron-dyt eval` takes its own options)."""
 
-    suite: str = "quick"  # paper15, quick or offline (see megatron_dyt/eval/suites.py)
-    every_n_steps: int = Field(0, ge=0)  # 0: never during training
-    batch_size: int = Field(8, ge=1)
-    limit: int | None = Field(None, ge=1)  # at most this many documents per task
+    suite: str = Field(
+        "quick",
+        description="lm-eval task suite: paper15, quick or offline (megatron_dyt/eval/suites.py).",
+    )
+    every_n_steps: int = Field(
+        0, ge=0, description="Steps between zero-shot evaluations (0: never during training)."
+    )
+    batch_size: int = Field(8, ge=1, description="Requests per forward pass.")
+    limit: int | None = Field(
+        None, ge=1, description="At most this many documents per task; null: all."
+    )
 
 
 class ResumeConfig(_Section):
     """How a run folder's latest checkpoint is resumed (not part of the run's identity)."""
 
-    # Resume a checkpoint saved at another TP/PP/DP/ZeRO layout: weights, Adam moments and step
-    # are converted to this run's layout while loading (megatron_dyt/checkpoint/universal.py).
-    reshard: bool = False
+    reshard: bool = Field(
+        False,
+        description="Resume a checkpoint saved at another TP/PP/DP/ZeRO layout: weights, Adam"
+        " moments and step are converted to this run's layout while loading (megatron_dyt/checkpoint/universal.py).",
+    )
 
 
 class Config(_Section):
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    resume: ResumeConfig = Field(default_factory=ResumeConfig)
+    """A whole run: the model, its parallel layout, training, data and evaluation."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description=ModelConfig.__doc__)
+    parallel: ParallelConfig = Field(
+        default_factory=ParallelConfig, description=ParallelConfig.__doc__
+    )
+    train: TrainConfig = Field(default_factory=TrainConfig, description=TrainConfig.__doc__)
+    data: DataConfig = Field(default_factory=DataConfig, description=DataConfig.__doc__)
+    eval: EvalConfig = Field(default_factory=EvalConfig, description=EvalConfig.__doc__)
+    resume: ResumeConfig = Field(default_factory=ResumeConfig, description=ResumeConfig.__doc__)
 
     @model_validator(mode="after")
     def _check_layout(self) -> Config:
@@ -334,7 +478,12 @@ def _format_error(exc: ValidationError, source: str) -> str:
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and key == "base":
+            lines.append(
+                "key 'base' was not resolved: only config files read by load_config or"
+                " load_tree inherit from a base"
+            )
+        elif err["type"] == "extra_forbidden":
             lines.append(f"unknown key '{key}'{_suggest(key)}")
         elif err["type"] == "value_error":
             lines.append(f"{key + ': ' if key else ''}{msg}")
@@ -406,25 +555,59 @@ def load_config(
     *,
     saved: bool = False,
 ) -> Config:
-    """Load a YAML config (or the defaults) and apply `a.b.c=value` overrides; `saved`: a
-    run's own config.yaml, read back (see `_saved`)."""
+    """Load a YAML config (or the defaults), resolving its `base:` chain (see `load_tree`), and
+    apply `a.b.c=value` overrides; `saved`: a run's own config.yaml, read back (see `_saved`)."""
     tree: dict[str, Any] = {}
     source = "(defaults)"
     if path is not None:
-        path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(
-                f"config file '{path}' must hold a mapping, got {type(tree).__name__}"
-            )
+        tree = load_tree(path)
     apply_overrides(tree, overrides)
     return config_from_dict(tree, source, saved=saved)
+
+
+def load_tree(path: str | Path) -> dict[str, Any]:
+    """The unvalidated tree a config file describes, its `base:` chain merged in.
+
+    A file's top-level `base: PATH` (relative to that file) names the config it builds on: the
+    file's tree is deep-merged over the base's (mappings key by key, other values replaced), and
+    bases may have bases. Public so that other loaders (sweep specs) resolve bases the same way;
+    the result holds no `base` key.
+    """
+    return _load_chain(Path(path), [])
+
+
+def _load_chain(path: Path, chain: list[Path]) -> dict[str, Any]:
+    """`chain`: the files that named this one as their base, outermost first."""
+    what = f"base config '{path}' (named in '{chain[-1]}')" if chain else f"config file '{path}'"
+    if not path.is_file():
+        raise ConfigError(f"{what} does not exist")
+    if any(path.resolve() == seen.resolve() for seen in chain):
+        cycle = " -> ".join(str(p) for p in [*chain, path])
+        raise ConfigError(f"config bases form a cycle: {cycle}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} is not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{what} must hold a mapping, got {type(tree).__name__}")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{what}: 'base' must be the path of a config file, got {base!r}")
+    return _deep_merge(_load_chain(path.parent / base, [*chain, path]), tree)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`: mappings merged key by key, any other value replaced."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def config_from_dict(

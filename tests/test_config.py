@@ -15,7 +15,9 @@ from megatron_dyt.config import (
     ConfigError,
     ScheduleWarning,
     VocabPaddedWarning,
+    config_from_dict,
     load_config,
+    load_tree,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,8 +50,17 @@ def test_round_trip(path, tmp_path):
                 yield f"{prefix}{k}", v
 
     full = dict(leaves(yaml.safe_load(text)))
-    for key, value in leaves(yaml.safe_load(path.read_text())):
+    for key, value in leaves(load_tree(path)):  # the file and its bases
         assert full[key] == value, key
+
+
+def test_llama_presets_are_short():
+    """The shared recipe lives in configs/base/llama.yaml; a preset says only what is its own."""
+    llama = [p for p in PRESETS if p.stem.startswith("llama-")]
+    assert len(llama) == 8
+    for path in llama:
+        assert len(path.read_text().splitlines()) <= 15, path.name
+        assert "base" in yaml.safe_load(path.read_text()), path.name
 
 
 def test_paper_recipe_in_dyt_presets():
@@ -260,3 +271,74 @@ def test_cli_process_exit_code_and_clean_stderr(tmp_path):
 
 def test_defaults_are_valid():
     assert Config() == load_config(None)
+
+
+# ---- base: inheritance ------------------------------------------------------------------------
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_base_chain_is_deep_merged_relative_to_each_file(tmp_path, monkeypatch):
+    _write(
+        tmp_path / "common/root.yaml",
+        "model: {hidden_size: 256, num_heads: 4, norm: {kind: dyt, alpha_attn: 0.9, beta: false}}\n"
+        "train: {lr: 1.0e-3, train_steps: 100}\n"
+        "data: {paths: [a], split: '90,10,0'}\n",
+    )
+    _write(
+        tmp_path / "common/mid.yaml",
+        "base: root.yaml\nmodel: {num_layers: 4, norm: {alpha_mlp: 0.3}}\n",
+    )
+    top = _write(
+        tmp_path / "presets/top.yaml",
+        "base: ../common/mid.yaml\nmodel: {norm: {alpha_attn: 0.7}}\ndata: {paths: [b, c]}\n",
+    )
+    monkeypatch.chdir(_write(tmp_path / "elsewhere/x", "").parent)  # bases are not cwd-relative
+    assert load_tree(top) == {
+        "model": {
+            "hidden_size": 256,
+            "num_heads": 4,
+            "num_layers": 4,
+            "norm": {"kind": "dyt", "alpha_attn": 0.7, "alpha_mlp": 0.3, "beta": False},
+        },
+        "train": {"lr": 1e-3, "train_steps": 100},
+        "data": {"paths": ["b", "c"], "split": "90,10,0"},  # a list is replaced, not merged
+    }
+    cfg = load_config(top, ["model.norm.alpha_mlp=0.4"])  # overrides go on top of the chain
+    n = cfg.model.norm
+    assert (n.kind, n.alpha_attn, n.alpha_mlp, n.beta) == ("dyt", 0.7, 0.4, False)
+    assert (cfg.model.hidden_size, cfg.model.num_layers, cfg.train.lr) == (256, 4, 1e-3)
+    assert "base" not in cfg.to_dict() and "base" not in yaml.safe_load(cfg.to_yaml())
+
+
+def test_base_cycle_is_an_error_naming_the_files(tmp_path):
+    _write(tmp_path / "a.yaml", "base: sub/b.yaml\n")
+    _write(tmp_path / "sub/b.yaml", "base: ../a.yaml\ntrain: {lr: 1.0e-3}\n")
+    with pytest.raises(ConfigError, match="config bases form a cycle") as err:
+        load_config(tmp_path / "a.yaml")
+    assert str(err.value).count("a.yaml") == 2 and "b.yaml" in str(err.value)
+    _write(tmp_path / "self.yaml", "base: self.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_tree(tmp_path / "self.yaml")
+
+
+def test_missing_or_bad_base_is_an_error_naming_the_files(tmp_path):
+    _write(tmp_path / "top.yaml", "base: nowhere.yaml\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "top.yaml")
+    text = str(err.value)
+    assert "base config" in text and "nowhere.yaml" in text and "top.yaml" in text
+    assert "does not exist" in text
+    _write(tmp_path / "list.yaml", "base: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="'base' must be the path of a config file"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_an_unresolved_base_says_so():
+    """A tree validated without a file (a sweep's base read as plain YAML) cannot follow `base`."""
+    with pytest.raises(ConfigError, match="key 'base' was not resolved"):
+        config_from_dict({"base": "llama.yaml"})

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from megatron_dyt.config import Config, ConfigError, apply_overrides, config_from_dict
+from megatron_dyt.config import Config, ConfigError, apply_overrides, config_from_dict, load_tree
 from megatron_dyt.errors import MegatronDyTError
 
 SPEC_KEYS = ("base", "overrides", "grid", "name")
@@ -238,13 +238,7 @@ def load_base(spec: SweepSpec) -> dict[str, Any]:
     """The base config as a plain tree (empty: the defaults), for overrides per run."""
     if spec.base is None:
         return {}
-    try:
-        tree = yaml.safe_load(spec.base.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"base config '{spec.base}' is not valid YAML: {exc}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"base config '{spec.base}' must hold a mapping")
-    return tree
+    return load_tree(spec.base)
 
 
 def run_config(base_tree: dict[str, Any], run: Run, base_name: str = "(defaults)") -> Config:
