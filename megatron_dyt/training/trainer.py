@@ -251,6 +251,308 @@ def _scheduled_lr(engine) -> float:
     return engine.get_lr()[0]
 
 
+@dataclass
+class Position:
+    """Where a run is: optimizer steps done, the data batch the next step takes (`cursor`), and
+    the batches left out after a non-finite loss (saved in every checkpoint)."""
+
+    step: int = 0
+    cursor: int = 0
+    skipped: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Position:
+        """From a checkpoint's client state (older ones have no cursor: it was the step)."""
+        step = int(state["step"])
+        return cls(
+            step, int(state.get("data_cursor", step)), list(state.get("skipped_batches", []))
+        )
+
+    def next_batch(self) -> int:
+        """The data batch of the next step: the cursor, moved past any left-out batch."""
+        while self.cursor in self.skipped:
+            self.cursor += 1
+        return self.cursor
+
+
+class NonFiniteGuard:
+    """What a NaN/Inf loss does: rewind to the last good checkpoint and leave that step's data
+    batch out, at most `limit` times in a run (`train.skip_nonfinite_steps`); else stop."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+    def rewind(self, position: Position, last_good: str | None) -> bool:
+        """True (and the batch recorded as left out) when the run may rewind to `last_good`."""
+        if last_good is None or len(position.skipped) >= self.limit:
+            return False
+        position.skipped.append(position.cursor)
+        return True
+
+
+class Trainer:
+    """One invocation of a run: set up, resume, then step, log and save until the end.
+
+    Every rank of the job builds one. `fit` is the loop; the steps it takes are methods, so
+    each reads on its own: `resume`, `train_step`, `rewind` (non-finite loss), `log`, `save`.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        *,
+        allow_config_change: bool = False,
+        progress: bool = True,
+    ):
+        from megatron_dyt.data import build_datasets, resolve_data
+        from megatron_dyt.model import init_weights
+
+        parallel.setup(cfg.parallel)
+        parallel.init_deepspeed_comm()
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.is_rank0 = dist.get_rank() == 0
+        self.world = dist.get_world_size()
+        prepare_run_dir(cfg, self.run_dir, allow_config_change)
+
+        self.layout = batch_layout(cfg, data_parallel_size(cfg.parallel, self.world))
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.resume_tag = checkpoint.find_latest(self.ckpt_root)
+        self.resharded = self.resume_tag is not None and _check_resume_layout(
+            cfg, self.ckpt_root / self.resume_tag, self.world
+        )
+        ds_config = deepspeed_config(cfg, self.layout)
+        self.total_steps = cfg.train.train_steps
+
+        self.tokenizer, _, _ = resolve_data(cfg)  # also checks it fits model.vocab_size
+        self.zero_shot_tasks = _zero_shot_tasks(cfg)
+        g = self.layout.global_batch
+        self.eval_batches = math.ceil(cfg.train.eval_samples / g) if cfg.train.eval_interval else 0
+        train_ds, valid_ds = build_datasets(
+            cfg,
+            self.tokenizer,
+            # every skipped non-finite step moves the data cursor one batch further
+            (self.total_steps + cfg.train.skip_nonfinite_steps) * g,
+            max(1, self.eval_batches) * g,
+        )
+        if self.is_rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            # atomic: a run killed while writing must not leave a config its resume cannot read
+            atomic_write(self.run_dir / "config.yaml", cfg.to_yaml())
+            ds_json = json.dumps(ds_config, indent=2) + "\n"
+            atomic_write(self.run_dir / "deepspeed_config.json", ds_json)
+        dist.barrier()
+
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg)
+        init_weights(self.model, cfg)
+        parameters = _count_parameters(self.model)
+        self.engine = initialize(
+            self.model,
+            cfg,
+            ds_config,
+            lambda s: lr_factor(s, cfg.warmup_steps, self.total_steps, cfg.train.min_lr_ratio),
+        )
+        self.pipeline = cfg.parallel.pipeline > 1
+        device, dp_rank = _device(), ps.get_data_parallel_rank()
+        self.batches = StepBatches(train_ds, self.layout, dp_rank, device)
+        self.valid = (
+            StepBatches(valid_ds, self.layout, dp_rank, device)
+            if valid_ds is not None and self.eval_batches
+            else None
+        )
+        self.guard = NonFiniteGuard(cfg.train.skip_nonfinite_steps)
+        self.position = Position()
+        self.flops_per_token = flops_per_token(cfg, parameters)
+        self.peak = peak_tflops(cfg)
+        self.tokens_per_step = g * cfg.model.seq_length
+        self.progress = progress
+        self.stats = self.writer = self.stop = self.bar = None
+
+    # ---- the steps of the loop ---------------------------------------------------------------
+
+    def _load(self, tag: str, reshard: bool) -> dict[str, Any]:
+        """Load checkpoint `tag` into the engine; its client state (the data position)."""
+        if not reshard:
+            return checkpoint.load(self.engine, self.ckpt_root, tag)
+        folder = self.ckpt_root / tag
+        universal = checkpoint.universal_of(folder, progress=self.is_rank0 and self.progress)
+        return checkpoint.load_universal(self.engine, universal, self.cfg, self.layout.global_batch)
+
+    def resume(self) -> None:
+        """Continue from the run folder's latest checkpoint, if it has one."""
+        if self.resume_tag is None:
+            return
+        folder = self.ckpt_root / self.resume_tag
+        state = self._load(self.resume_tag, self.resharded)
+        self.position = Position.from_state(state)
+        if self.is_rank0 and state.get("weights_only"):
+            print(
+                f"starting from the weights in {folder} (imported: fresh optimizer"
+                " and learning-rate schedule)",
+                flush=True,
+            )
+        elif self.is_rank0:
+            how = " (resharded to this layout)" if self.resharded else ""
+            print(f"resuming from {folder} (step {self.position.step}){how}", flush=True)
+
+    def train_step(self, record_stats: bool) -> tuple[float, float, float]:
+        """One optimizer step on the next data batch: (loss, lr it used, seconds)."""
+        lr = _scheduled_lr(self.engine)  # the scheduler moves on after the step
+        t0 = time.perf_counter()
+        with self.stats.recording() if record_stats else nullcontext():
+            batches = self.batches.for_step(self.position.next_batch())
+            loss = _train_step(self.engine, batches, self.pipeline)
+        return loss, lr, time.perf_counter() - t0
+
+    def rewind(self, loss: float, result: TrainResult) -> None:
+        """A non-finite loss: go back to the last good checkpoint without this step's batch, or
+        stop the run (status `diverged`) when no rewind is left."""
+        good = checkpoint.find_latest(self.ckpt_root)
+        skipped = self.position.skipped
+        if not self.guard.rewind(self.position, good):
+            where = (
+                f"the last good checkpoint is '{self.ckpt_root / good}'"
+                if good
+                else "no checkpoint was saved yet"
+            )
+            if self.is_rank0:
+                write_status(self.run_dir, "diverged", self.position.step, self.total_steps)
+            raise TrainingError(
+                f"loss is {loss} at step {self.position.step + 1}: training diverged and stopped;"
+                f" {where}. Lower train.lr, raise warm-up or lower the DyT α₀"
+                " (model.norm.alpha_*); train.skip_nonfinite_steps=N rewinds and skips up to N"
+                " such batches"
+            )
+        loaded = Position.from_state(self._load(good, good == self.resume_tag and self.resharded))
+        self.position = Position(loaded.step, loaded.cursor, skipped)
+        result.losses = {k: v for k, v in result.losses.items() if k <= loaded.step}
+        event = {"event": "nonfinite_loss_rewind", "loss": loss, "skipped_batch": skipped[-1]}
+        self.writer.write(loaded.step, event)
+        if self.is_rank0:
+            print(
+                f"\nloss is {loss} on data batch {skipped[-1]}: rewound to"
+                f" {self.ckpt_root / good} and leaving that batch out"
+                f" ({len(skipped)}/{self.guard.limit} skips used)",
+                flush=True,
+            )
+        if self.bar is not None:
+            self.bar.n = loaded.step
+
+    def log(self, result: TrainResult, loss: float, lr: float, seconds: float, full: bool) -> None:
+        """Metrics of the step just taken (`full`: with the norm statistics), the validation
+        loss and zero-shot scores when due, and the progress bar."""
+        cfg, step = self.cfg, self.position.step
+        grad_norm = _grad_norm(self.engine)
+        tps = self.tokens_per_step / seconds
+        tflops = self.flops_per_token * tps / self.world / 1e12
+        record: dict[str, Any] = {
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tps,
+            "step_time_s": seconds,
+            "tflops_per_gpu": tflops,
+            "mfu": tflops / self.peak if self.peak else None,
+            "consumed_samples": self.position.cursor * self.layout.global_batch,
+        }
+        if full:
+            record.update({f"norm/{k}": v for k, v in self.stats.gather().items()})
+        last = step == self.total_steps
+        if self.valid is not None and (step % cfg.train.eval_interval == 0 or last):
+            record["valid_loss"] = _evaluate(
+                self.engine, self.valid, self.eval_batches, self.pipeline
+            )
+            result.valid_losses[step] = record["valid_loss"]
+        if self.zero_shot_tasks and (step % cfg.eval.every_n_steps == 0 or last):
+            tasks = self.zero_shot_tasks
+            record.update(_zero_shot(self.engine.module, cfg, self.tokenizer, tasks))
+        if full or "valid_loss" in record:
+            self.writer.write(step, record)
+        if self.bar is not None:
+            self.bar.set_postfix(
+                loss=f"{loss:.4f}",
+                lr=f"{lr:.2e}",
+                gnorm=f"{grad_norm:.3f}" if grad_norm is not None else "-",
+                tok_s=f"{tps:,.0f}",
+                refresh=False,
+            )
+            self.bar.update(1)
+
+    def save(self) -> Path:
+        """A checkpoint of this step (collective), with the data position."""
+        pos, g = self.position, self.layout.global_batch
+        client = {
+            "step": pos.step,
+            "data_cursor": pos.cursor,
+            "consumed_samples": pos.cursor * g,
+            "skipped_batches": pos.skipped,
+            "layout": asdict(run_layout(self.cfg, self.world)),
+        }
+        return checkpoint.save(
+            self.engine,
+            self.ckpt_root,
+            pos.step,
+            client,
+            self.cfg,
+            self.tokenizer.path,
+            self.cfg.train.keep_checkpoints,
+        )
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def fit(self, stop_after: int | None = None) -> TrainResult:
+        """Train to `train.train_steps`, or until a stop signal (or `stop_after` steps of this
+        invocation, for tests); the last step is always saved."""
+        cfg, total = self.cfg, self.total_steps
+        self.resume()
+        result = TrainResult(self.run_dir, start_step=self.position.step, step=self.position.step)
+        self.stats = NormStats(self.model)
+        self.writer = MetricsWriter(self.run_dir, cfg, enabled=self.is_rank0)
+        self.stop = _StopFlag()
+        self.bar = _progress_bar(self.is_rank0 and self.progress, self.position.step, total)
+        last_saved, steps_this_run = self.position.step, 0
+        try:
+            while self.position.step < total:
+                full_log = (self.position.step + 1) % cfg.train.log_interval == 0 or (
+                    self.position.step + 1 == total
+                )
+                loss, lr, seconds = self.train_step(record_stats=full_log)
+                if not math.isfinite(loss):
+                    self.rewind(loss, result)
+                    continue
+                self.position.step += 1
+                self.position.cursor += 1
+                steps_this_run += 1
+                result.losses[self.position.step] = loss
+                self.log(result, loss, lr, seconds, full_log)
+                if self.stop.agreed():
+                    result.stopped_by_signal = True
+                    result.checkpoint, last_saved = self.save(), self.position.step
+                    if self.is_rank0:
+                        who = self.stop.signal or "on another rank"
+                        print(f"\nsignal {who}: saved {result.checkpoint}, exiting", flush=True)
+                    break
+                if cfg.train.save_interval and self.position.step % cfg.train.save_interval == 0:
+                    result.checkpoint, last_saved = self.save(), self.position.step
+                if stop_after is not None and steps_this_run >= stop_after:
+                    break
+            if self.position.step != last_saved:
+                result.checkpoint = self.save()
+            if self.is_rank0:
+                state = "finished" if self.position.step >= total else "stopped"
+                write_status(
+                    self.run_dir, state, self.position.step, total, signal=self.stop.signal
+                )
+        finally:
+            self.stop.restore()
+            self.writer.close()
+            if self.bar is not None:
+                self.bar.close()
+        result.step = self.position.step
+        return result
+
+
 def train(
     cfg: Config,
     run_dir: Path,
@@ -264,223 +566,8 @@ def train(
     `stop_after` ends the loop after that many steps of this invocation (tests use it to
     interrupt a run); a checkpoint is written on the way out.
     """
-    from megatron_dyt.data import build_datasets, resolve_data
-    from megatron_dyt.model import init_weights
-
-    parallel.setup(cfg.parallel)
-    parallel.init_deepspeed_comm()
-    rank = dist.get_rank()
-    is_rank0 = rank == 0
-    run_dir = Path(run_dir)
-    prepare_run_dir(cfg, run_dir, allow_config_change)
-
-    dp = data_parallel_size(cfg.parallel, dist.get_world_size())
-    layout = batch_layout(cfg, dp)
-    ckpt_root = run_dir / "checkpoints"
-    tag = checkpoint.find_latest(ckpt_root)
-    resharded = tag is not None and _check_resume_layout(
-        cfg, ckpt_root / tag, dist.get_world_size()
-    )
-    ds_config = deepspeed_config(cfg, layout)
-    total_steps = cfg.train.train_steps
-
-    tokenizer, _, _ = resolve_data(cfg)  # also checks the tokenizer fits model.vocab_size
-    zero_shot_tasks = _zero_shot_tasks(cfg)
-    eval_batches = (
-        math.ceil(cfg.train.eval_samples / layout.global_batch) if cfg.train.eval_interval else 0
-    )
-    train_ds, valid_ds = build_datasets(
-        cfg,
-        tokenizer,
-        # every skipped non-finite step moves the data cursor one batch further
-        (total_steps + cfg.train.skip_nonfinite_steps) * layout.global_batch,
-        max(1, eval_batches) * layout.global_batch,
-    )
-
-    if is_rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # atomic: a run killed while writing must not leave a config its resume cannot read
-        atomic_write(run_dir / "config.yaml", cfg.to_yaml())
-        atomic_write(run_dir / "deepspeed_config.json", json.dumps(ds_config, indent=2) + "\n")
-    dist.barrier()
-
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg)
-    init_weights(model, cfg)
-    parameters = _count_parameters(model)
-    engine = initialize(
-        model,
-        cfg,
-        ds_config,
-        lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.train.min_lr_ratio),
-    )
-    pipeline = cfg.parallel.pipeline > 1
-
-    step, cursor, skipped = 0, 0, []
-
-    def resume(tag: str, reshard: bool) -> dict[str, Any]:
-        if not reshard:
-            return checkpoint.load(engine, ckpt_root, tag)
-        universal = checkpoint.universal_of(ckpt_root / tag, progress=is_rank0 and progress)
-        return checkpoint.load_universal(engine, universal, cfg, layout.global_batch)
-
-    if tag is not None:
-        state = resume(tag, resharded)
-        step, cursor, skipped = _position(state)
-        if is_rank0 and state.get("weights_only"):
-            print(
-                f"starting from the weights in {ckpt_root / tag} (imported: fresh optimizer"
-                " and learning-rate schedule)",
-                flush=True,
-            )
-        elif is_rank0:
-            how = " (resharded to this layout)" if resharded else ""
-            print(f"resuming from {ckpt_root / tag} (step {step}){how}", flush=True)
-    result = TrainResult(run_dir=run_dir, start_step=step, step=step)
-
-    device = _device()
-    dp_rank = ps.get_data_parallel_rank()
-    batches = StepBatches(train_ds, layout, dp_rank, device)
-    valid = (
-        StepBatches(valid_ds, layout, dp_rank, device)
-        if valid_ds is not None and eval_batches
-        else None
-    )
-    stats = NormStats(model)
-    writer = MetricsWriter(run_dir, cfg, enabled=is_rank0)
-    stop = _StopFlag()
-    world = dist.get_world_size()
-    fpt = flops_per_token(cfg, parameters)
-    peak = peak_tflops(cfg)
-    tokens_per_step = layout.global_batch * cfg.model.seq_length
-    bar = _progress_bar(is_rank0 and progress, step, total_steps)
-    last_saved = step
-
-    def save() -> Path:
-        nonlocal last_saved
-        client = {
-            "step": step,
-            "data_cursor": cursor,
-            "consumed_samples": cursor * layout.global_batch,
-            "skipped_batches": skipped,
-            "layout": asdict(run_layout(cfg, world)),
-        }
-        folder = checkpoint.save(
-            engine, ckpt_root, step, client, cfg, tokenizer.path, cfg.train.keep_checkpoints
-        )
-        last_saved = step
-        return folder
-
-    try:
-        steps_this_run = 0
-        while step < total_steps:
-            while cursor in skipped:
-                cursor += 1
-            log_now = (step + 1) % cfg.train.log_interval == 0 or step + 1 == total_steps
-            lr = _scheduled_lr(engine)  # the lr this step uses (the scheduler moves on after it)
-            t0 = time.perf_counter()
-            with stats.recording() if log_now else nullcontext():
-                loss = _train_step(engine, batches.for_step(cursor), pipeline)
-            elapsed = time.perf_counter() - t0
-            if not math.isfinite(loss):
-                good = checkpoint.find_latest(ckpt_root)
-                if len(skipped) < cfg.train.skip_nonfinite_steps and good is not None:
-                    skipped.append(cursor)
-                    step, cursor, _ = _position(resume(good, good == tag and resharded))
-                    result.losses = {k: v for k, v in result.losses.items() if k <= step}
-                    writer.write(
-                        step,
-                        {
-                            "event": "nonfinite_loss_rewind",
-                            "loss": loss,
-                            "skipped_batch": skipped[-1],
-                        },
-                    )
-                    if is_rank0:
-                        print(
-                            f"\nloss is {loss} on data batch {skipped[-1]}: rewound to"
-                            f" {ckpt_root / good} and leaving that batch out"
-                            f" ({len(skipped)}/{cfg.train.skip_nonfinite_steps} skips used)",
-                            flush=True,
-                        )
-                    if bar is not None:
-                        bar.n = step
-                    continue
-                where = (
-                    f"the last good checkpoint is '{ckpt_root / good}'"
-                    if good
-                    else "no checkpoint was saved yet"
-                )
-                if is_rank0:
-                    write_status(run_dir, "diverged", step, total_steps)
-                raise TrainingError(
-                    f"loss is {loss} at step {step + 1}: training diverged and stopped; {where}."
-                    " Lower train.lr, raise warm-up or lower the DyT α₀ (model.norm.alpha_*);"
-                    " train.skip_nonfinite_steps=N rewinds and skips up to N such batches"
-                )
-            step += 1
-            cursor += 1
-            steps_this_run += 1
-            result.losses[step] = loss
-            grad_norm = _grad_norm(engine)
-            tps = tokens_per_step / elapsed
-            record: dict[str, Any] = {
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens_per_s": tps,
-                "step_time_s": elapsed,
-                "tflops_per_gpu": fpt * tps / world / 1e12,
-                "mfu": (fpt * tps / world / 1e12) / peak if peak else None,
-                "consumed_samples": cursor * layout.global_batch,
-            }
-            if log_now:
-                record.update({f"norm/{k}": v for k, v in stats.gather().items()})
-            if (
-                valid is not None
-                and cfg.train.eval_interval
-                and (step % cfg.train.eval_interval == 0 or step == total_steps)
-            ):
-                record["valid_loss"] = _evaluate(engine, valid, eval_batches, pipeline)
-                result.valid_losses[step] = record["valid_loss"]
-            if zero_shot_tasks and (step % cfg.eval.every_n_steps == 0 or step == total_steps):
-                record.update(_zero_shot(engine.module, cfg, tokenizer, zero_shot_tasks))
-            if log_now or "valid_loss" in record:
-                writer.write(step, record)
-            if bar is not None:
-                bar.set_postfix(
-                    loss=f"{loss:.4f}",
-                    lr=f"{lr:.2e}",
-                    gnorm=f"{grad_norm:.3f}" if grad_norm is not None else "-",
-                    tok_s=f"{tps:,.0f}",
-                    refresh=False,
-                )
-                bar.update(1)
-            if stop.agreed():
-                result.stopped_by_signal = True
-                result.checkpoint = save()
-                if is_rank0:
-                    print(
-                        f"\nsignal {stop.signal or 'on another rank'}: saved {result.checkpoint}, exiting",
-                        flush=True,
-                    )
-                break
-            if cfg.train.save_interval and step % cfg.train.save_interval == 0:
-                result.checkpoint = save()
-            if stop_after is not None and steps_this_run >= stop_after:
-                break
-        if step != last_saved:
-            result.checkpoint = save()
-        if is_rank0:
-            state = "finished" if step >= total_steps else "stopped"
-            write_status(run_dir, state, step, total_steps, signal=stop.signal)
-    finally:
-        stop.restore()
-        writer.close()
-        if bar is not None:
-            bar.close()
-    result.step = step
-    return result
+    trainer = Trainer(cfg, run_dir, allow_config_change=allow_config_change, progress=progress)
+    return trainer.fit(stop_after)
 
 
 def _zero_shot_tasks(cfg: Config) -> list[str]:
@@ -514,12 +601,6 @@ def _zero_shot(module: torch.nn.Module, cfg: Config, tokenizer, tasks: list[str]
     out: dict[str, Any] = {f"eval/{r['task']}/{r['metric']}": r["value"] for r in summary["rows"]}
     out["eval/average"] = summary["average_headline"]
     return out
-
-
-def _position(state: dict[str, Any]) -> tuple[int, int, list[int]]:
-    """(step, data cursor, skipped batches) saved in a checkpoint's client state."""
-    step = int(state["step"])
-    return step, int(state.get("data_cursor", step)), list(state.get("skipped_batches", []))
 
 
 def _count_parameters(model: torch.nn.Module) -> int:
