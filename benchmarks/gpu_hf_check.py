@@ -34,7 +34,7 @@ def main(out_json: str) -> int:
     parallel.initialize_model_parallel(cfg.parallel)
     with torch.device("cuda"):
         ours = LlamaModel(cfg)
-    init_weights(ours, cfg)
+    init_weights(ours, cfg.model, cfg.train.seed)
     tmp = Path(tempfile.mkdtemp())
     t0 = time.perf_counter()
     full = {k: v.detach().cpu() for k, v in full_state_dict(ours).items()}

@@ -66,7 +66,7 @@ def _smoke_test(cfg, parameters: int) -> dict:
     parallel.initialize_model_parallel(cfg.parallel)
     torch.manual_seed(cfg.train.seed)
     model = LlamaModel(cfg)
-    init_weights(model, cfg)
+    init_weights(model, cfg.model, cfg.train.seed)
     seq = min(cfg.model.seq_length, 128)
     tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, seq + 1))
     loss = model(tokens[:, :-1], tokens[:, 1:])

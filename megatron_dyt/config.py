@@ -45,6 +45,7 @@ NormKind = Literal["rmsnorm", "layernorm", "dyt", "derf"]
 Squash = Literal["tanh", "hardtanh", "sigmoid", "identity"]
 NormSite = Literal["attention", "mlp", "final"]
 NormBackend = Literal["torch", "triton"]
+Recompute = Literal["none", "selective", "full"]
 
 
 class NormConfig(_Section):
@@ -259,7 +260,7 @@ class TrainConfig(_Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Training precision; auto: bf16 on GPU, fp32 on CPU."
     )
-    activation_checkpointing: Literal["none", "selective", "full"] = Field(
+    activation_checkpointing: Recompute = Field(
         "none",
         description="Recompute activations in backward: selective (the attention core) or full"
         " (whole blocks), to save memory.",

@@ -38,7 +38,7 @@ def _run_unsplit(cfg_dict: dict, tokens: torch.Tensor, full: dict | None, steps:
     cfg = config_from_dict(cfg_dict)
     parallel.setup(cfg.parallel)
     model = LlamaModel(cfg)
-    init_weights(model, cfg)
+    init_weights(model, cfg.model, cfg.train.seed)
     initial = full_state_dict(model)
     if full is not None:
         load_full_state_dict(model, full)

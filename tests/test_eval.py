@@ -54,7 +54,7 @@ def _build(cfg_dict: dict, full: dict | None, tokenizer_path: str, batch_size: i
         module = LlamaModel(cfg)
     else:
         module = stage_module(cfg, ps.get_pipeline_model_parallel_rank())
-    init_weights(module, cfg)
+    init_weights(module, cfg.model, cfg.train.seed)
     if full is not None:
         load_full_state_dict(module, full)
     lm = make_lm(

@@ -597,6 +597,7 @@ def test_transformer_block_backends_agree(kind, spy):
     from common import tiny
 
     from megatron_dyt import parallel
+    from megatron_dyt.model.layers import BuildSpec
     from megatron_dyt.model.llama import TransformerBlock
 
     s = spy(interpret=True)
@@ -604,8 +605,8 @@ def test_transformer_block_backends_agree(kind, spy):
     parallel.setup(cfg.parallel, backend="gloo")  # TP=1: no collectives; gloo like test_model
     cfg_torch = cfg.model_copy(deep=True)
     cfg_torch.model.norm.backend = "torch"
-    fused = TransformerBlock(cfg, 0).to(DEVICE)
-    plain = TransformerBlock(cfg_torch, 0).to(DEVICE)
+    fused = TransformerBlock(cfg.model, BuildSpec.of(cfg), 0).to(DEVICE)
+    plain = TransformerBlock(cfg_torch.model, BuildSpec.of(cfg_torch), 0).to(DEVICE)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in fused.parameters():

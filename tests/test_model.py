@@ -23,7 +23,7 @@ def process_group():
 def build(cfg):
     parallel.initialize_model_parallel(cfg.parallel)
     model = LlamaModel(cfg)
-    init_weights(model, cfg)
+    init_weights(model, cfg.model, cfg.train.seed)
     return model
 
 
@@ -146,7 +146,7 @@ def test_meta_construction_gives_the_same_model():
     with torch.device("meta"):
         meta = LlamaModel(cfg)
     meta = meta.to_empty(device="cpu")
-    init_weights(meta, cfg)
+    init_weights(meta, cfg.model, cfg.train.seed)
     for name, tensor in full_state_dict(meta).items():
         assert torch.equal(tensor, eager[name]), name
 
@@ -156,7 +156,7 @@ def test_same_seed_same_model_other_seed_other_model():
     a, b = full_state_dict(build(cfg)), full_state_dict(build(cfg))
     assert all(torch.equal(a[k], b[k]) for k in a)
     other = build(cfg)
-    init_weights(other, cfg, seed=99)
+    init_weights(other, cfg.model, seed=99)
     c = full_state_dict(other)
     assert not torch.equal(a["layers.0.attention.qkv.weight"], c["layers.0.attention.qkv.weight"])
 

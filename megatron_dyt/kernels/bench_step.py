@@ -87,7 +87,7 @@ def time_variant(preset: str, variant: str, steps: int, warmup: int, device: str
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with torch.device(device):
         model = LlamaModel(cfg)
-    init_weights(model, cfg)
+    init_weights(model, cfg.model, cfg.train.seed)
     model.to(dtype)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=1e-4, weight_decay=0.1, fused=device == "cuda"

@@ -10,7 +10,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megatron_dyt.config import Config
+from megatron_dyt.config import ModelConfig
 from megatron_dyt.errors import UsageError
 from megatron_dyt.model.layers import column_parallel, row_parallel
 from megatron_dyt.model.rope import apply_rope, rope_cos_sin
@@ -42,9 +42,9 @@ class Attention(nn.Module):
     plain split along the output dimension hands each TP rank whole groups.
     """
 
-    def __init__(self, cfg: Config, mcfg: ModelParallelConfig, recompute_core: bool = False):
+    def __init__(self, m: ModelConfig, mcfg: ModelParallelConfig, recompute_core: bool = False):
         super().__init__()
-        m, tp = cfg.model, cfg.parallel.tensor
+        tp = mcfg.tensor_model_parallel_size
         self.head_dim = m.head_dim
         self.heads = m.num_heads // tp
         self.kv_heads = m.kv_heads // tp

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from megatron_dyt.config import Config
+from megatron_dyt.config import ModelConfig
 from megatron_dyt.errors import WeightsError
 from megatron_dyt.model.llama import EmbeddingStage
 from megatron_dyt.model.sharding import (
@@ -49,17 +49,17 @@ def _seed_for(seed: int, name: str, rank: int = 0) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + rank) % (2**63 - 1)
 
 
-def _std(name: str, cfg: Config) -> float:
-    std = cfg.model.init.std
-    if cfg.model.init.scaled_output_init and name.endswith(_SCALED_OUTPUTS):
-        std /= math.sqrt(2 * cfg.model.num_layers)
+def _std(name: str, m: ModelConfig) -> float:
+    std = m.init.std
+    if m.init.scaled_output_init and name.endswith(_SCALED_OUTPUTS):
+        std /= math.sqrt(2 * m.num_layers)
     return std
 
 
 @torch.no_grad()
-def init_weights(root: nn.Module, cfg: Config, seed: int | None = None) -> None:
-    """Initialise every parameter below `root` in place (also after `to_empty` from meta)."""
-    seed = cfg.train.seed if seed is None else seed
+def init_weights(root: nn.Module, m: ModelConfig, seed: int) -> None:
+    """Initialise every parameter below `root` in place (also after `to_empty` from meta), from
+    the run's seed (`train.seed`)."""
     for module in root.modules():
         if isinstance(module, (*_NORMS, EmbeddingStage)):
             module.reset_parameters()
@@ -67,12 +67,12 @@ def init_weights(root: nn.Module, cfg: Config, seed: int | None = None) -> None:
     for name, param in canonical_parameters(root):
         if param.dim() < 2:  # norms and scalars: done by reset_parameters above
             continue
-        std = _std(name, cfg)
-        if cfg.model.init.layout_invariant:
+        std = _std(name, m)
+        if m.init.layout_invariant:
             shape = full_shape(name, param.shape, size)
             rows = shape[0]
             if is_vocab_tensor(name):
-                shape[0] = cfg.model.vocab_size
+                shape[0] = m.vocab_size
             gen = torch.Generator().manual_seed(_seed_for(seed, name))
             full = torch.empty(shape).normal_(0.0, std, generator=gen)
             if rows > shape[0]:

@@ -1,23 +1,51 @@
-"""Construction helpers shared by the model's modules: megatron-core's layer config and TP layers."""
+"""Construction helpers shared by the model's modules: what they are built for (`BuildSpec`),
+megatron-core's layer config and the TP layers."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 
-from megatron_dyt.config import Config
+from megatron_dyt.config import Config, Recompute
 from megatron_dyt.model.sharding import TPSplit, tp_split
 from megatron_dyt.parallel import mark_sharded, tp_group
 
 
-def megatron_config(cfg: Config, params_dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
+@dataclass(frozen=True)
+class BuildSpec:
+    """What the modules need besides `ModelConfig`: the layout they are split for and what they
+    recompute in the backward. The model never reads the rest of a run's config."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    sequence_parallel: bool = False
+    recompute: Recompute = "none"  # train.activation_checkpointing
+    padded_vocab_size: int = 0  # rows of the embedding and head at this TP size
+
+    @classmethod
+    def of(cls, cfg: Config) -> BuildSpec:
+        p = cfg.parallel
+        return cls(
+            tensor=p.tensor,
+            pipeline=p.pipeline,
+            sequence_parallel=p.sequence_parallel,
+            recompute=cfg.train.activation_checkpointing,
+            padded_vocab_size=cfg.padded_vocab_size,
+        )
+
+
+def megatron_config(
+    spec: BuildSpec, params_dtype: torch.dtype = torch.float32
+) -> ModelParallelConfig:
     # Weights are allocated on the current default device (meta, CPU or CUDA) and initialised by
     # `megatron_dyt.model.init`, not by megatron-core, so every layout starts from the same model.
     return ModelParallelConfig(
-        tensor_model_parallel_size=cfg.parallel.tensor,
-        pipeline_model_parallel_size=cfg.parallel.pipeline,
-        sequence_parallel=cfg.parallel.sequence_parallel,
+        tensor_model_parallel_size=spec.tensor,
+        pipeline_model_parallel_size=spec.pipeline,
+        sequence_parallel=spec.sequence_parallel,
         use_cpu_initialization=True,
         perform_initialization=False,
         params_dtype=params_dtype,

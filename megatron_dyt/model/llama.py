@@ -1,5 +1,8 @@
 """The LLaMA model as a list of stage layers: embedding → blocks → final norm + head.
 
+The blocks take the model's own config and a `BuildSpec` (the layout they are split for, what
+they recompute); the assembly functions at the bottom take a run's `Config` and derive the spec.
+
 The same modules make the unsplit `LlamaModel` and a DeepSpeed `PipelineModule`; each carries a
 `canonical_prefix`, so a parameter has one name (`layers.7.mlp.down.weight`) at every TP/PP layout.
 Activations are sequence-first, [s, b, h], as megatron-core's sequence parallelism needs.
@@ -15,18 +18,23 @@ from megatron.core import tensor_parallel
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megatron_dyt.config import Config
+from megatron_dyt.config import Config, ModelConfig
 from megatron_dyt.errors import UsageError
 from megatron_dyt.model.attention import Attention
-from megatron_dyt.model.layers import column_parallel, megatron_config, vocab_parallel_embedding
+from megatron_dyt.model.layers import (
+    BuildSpec,
+    column_parallel,
+    megatron_config,
+    vocab_parallel_embedding,
+)
 from megatron_dyt.model.mlp import SwiGLU
 from megatron_dyt.model.sharding import stage_layers
 from megatron_dyt.norms import build_norm
 from megatron_dyt.parallel import mark_replicated
 
 
-def _check_device(cfg: Config) -> None:
-    if cfg.parallel.sequence_parallel and not torch.cuda.is_available():
+def _check_device(spec: BuildSpec) -> None:
+    if spec.sequence_parallel and not torch.cuda.is_available():
         raise UsageError(
             "parallel.sequence_parallel=true needs CUDA: megatron-core's sequence-parallel ops"
             " do not run on CPU; set parallel.sequence_parallel=false"
@@ -38,17 +46,17 @@ class EmbeddingStage(nn.Module):
 
     canonical_prefix = "embedding."
 
-    def __init__(self, cfg: Config):
+    def __init__(self, m: ModelConfig, spec: BuildSpec):
         super().__init__()
-        _check_device(cfg)
-        self.hidden_size = cfg.model.hidden_size
-        self.sequence_parallel = cfg.parallel.sequence_parallel
+        _check_device(spec)
+        self.hidden_size = m.hidden_size
+        self.sequence_parallel = spec.sequence_parallel
         self.word = vocab_parallel_embedding(
-            megatron_config(cfg), cfg.padded_vocab_size, cfg.model.hidden_size
+            megatron_config(spec), spec.padded_vocab_size, m.hidden_size
         )
-        self.scale = nn.Parameter(torch.empty(1)) if cfg.model.embedding_scale else None
+        self.scale = nn.Parameter(torch.empty(1)) if m.embedding_scale else None
         self.reset_parameters()
-        mark_replicated(self, cfg.parallel.sequence_parallel)
+        mark_replicated(self, spec.sequence_parallel)
 
     def reset_parameters(self) -> None:
         if self.scale is not None:
@@ -67,20 +75,18 @@ class EmbeddingStage(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + attn(norm_attn(x)), then h + mlp(norm_mlp(h))."""
 
-    def __init__(self, cfg: Config, layer_number: int):
+    def __init__(self, m: ModelConfig, spec: BuildSpec, layer_number: int):
         super().__init__()
-        _check_device(cfg)
+        _check_device(spec)
         self.layer_number = layer_number
         self.canonical_prefix = f"layers.{layer_number}."
-        recompute = cfg.train.activation_checkpointing
-        self.recompute_block = recompute == "full"
-        mcfg = megatron_config(cfg)
-        h = cfg.model.hidden_size
-        self.attention_norm = build_norm("attention", h, cfg.model.norm)
-        self.attention = Attention(cfg, mcfg, recompute_core=recompute == "selective")
-        self.mlp_norm = build_norm("mlp", h, cfg.model.norm)
-        self.mlp = SwiGLU(cfg, mcfg)
-        mark_replicated(self, cfg.parallel.sequence_parallel)
+        self.recompute_block = spec.recompute == "full"
+        mcfg = megatron_config(spec)
+        self.attention_norm = build_norm("attention", m.hidden_size, m.norm)
+        self.attention = Attention(m, mcfg, recompute_core=spec.recompute == "selective")
+        self.mlp_norm = build_norm("mlp", m.hidden_size, m.norm)
+        self.mlp = SwiGLU(m, mcfg)
+        mark_replicated(self, spec.sequence_parallel)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         # h = x + attn(...) and mlp_norm(h) in one call: the triton backend fuses the residual
@@ -99,14 +105,14 @@ class OutputStage(nn.Module):
 
     canonical_prefix = "output."
 
-    def __init__(self, cfg: Config):
+    def __init__(self, m: ModelConfig, spec: BuildSpec):
         super().__init__()
-        _check_device(cfg)
-        self.norm = build_norm("final", cfg.model.hidden_size, cfg.model.norm)
+        _check_device(spec)
+        self.norm = build_norm("final", m.hidden_size, m.norm)
         self.head = column_parallel(
-            megatron_config(cfg), cfg.model.hidden_size, cfg.padded_vocab_size, "output.head.weight"
+            megatron_config(spec), m.hidden_size, spec.padded_vocab_size, "output.head.weight"
         )
-        mark_replicated(self, cfg.parallel.sequence_parallel)
+        mark_replicated(self, spec.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits, _ = self.head(self.norm(x))
@@ -127,10 +133,11 @@ def lm_loss(
 def layer_specs(cfg: Config) -> list[tuple[type[nn.Module], tuple[Any, ...]]]:
     """The model as (class, args) pairs, one per pipeline layer (`model/sharding.py`), ready to
     wrap in DeepSpeed `LayerSpec`s."""
+    m, spec = cfg.model, BuildSpec.of(cfg)
     return [
-        (EmbeddingStage, (cfg,)),
-        *[(TransformerBlock, (cfg, i)) for i in range(cfg.model.num_layers)],
-        (OutputStage, (cfg,)),
+        (EmbeddingStage, (m, spec)),
+        *[(TransformerBlock, (m, spec, i)) for i in range(m.num_layers)],
+        (OutputStage, (m, spec)),
     ]
 
 
@@ -170,9 +177,10 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.config = cfg
-        self.embedding = EmbeddingStage(cfg)
-        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.model.num_layers))
-        self.output = OutputStage(cfg)
+        m, spec = cfg.model, BuildSpec.of(cfg)
+        self.embedding = EmbeddingStage(m, spec)
+        self.layers = nn.ModuleList(TransformerBlock(m, spec, i) for i in range(m.num_layers))
+        self.output = OutputStage(m, spec)
 
     def forward(
         self,

@@ -7,14 +7,14 @@ import torch.nn.functional as F
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
-from megatron_dyt.config import Config
+from megatron_dyt.config import ModelConfig
 from megatron_dyt.model.layers import column_parallel, row_parallel
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, cfg: Config, mcfg: ModelParallelConfig):
+    def __init__(self, m: ModelConfig, mcfg: ModelParallelConfig):
         super().__init__()
-        h, f = cfg.model.hidden_size, cfg.model.ffn_hidden_size
+        h, f = m.hidden_size, m.ffn_hidden_size
         # The full weight is [gate; up]; each TP rank holds [gate_r; up_r] (model/sharding.py).
         self.gate_up = column_parallel(mcfg, h, 2 * f, "mlp.gate_up.weight")
         self.down = row_parallel(mcfg, f, h, "mlp.down.weight")

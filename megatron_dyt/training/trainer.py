@@ -345,7 +345,7 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg)
-        init_weights(self.model, cfg)
+        init_weights(self.model, cfg.model, cfg.train.seed)
         parameters = _count_parameters(self.model)
         self.engine = initialize(
             self.model,
