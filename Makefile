@@ -1,4 +1,6 @@
 # Two entry points that do all the set-up on a fresh machine: `make demo` and `make test`.
+# While editing, `make test-fast` runs the unit tier alone; `.venv/bin/python -m pytest -m slow`
+# (or distributed, slurm, interpreter) runs one other tier (pyproject.toml; README.md, "Tests").
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -12,7 +14,7 @@ LOCK   := constraints.txt
 # Without TORCH_SPEC the machine's own torch build is kept: its line is left out of the lock.
 LOCK_USED := $(if $(TORCH_SPEC),$(LOCK),$(VENV)/constraints-no-torch.txt)
 
-.PHONY: install demo sweep-demo test lint lock clean
+.PHONY: install demo sweep-demo test test-fast lint lock clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,8 +41,15 @@ sweep-demo: install
 	$(VENV)/bin/megatron-dyt sweep run configs/sweeps/tiny.yaml --out runs/sweep-demo --parallel 2
 	$(VENV)/bin/megatron-dyt sweep report runs/sweep-demo
 
+# Every tier (what CI runs).
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+# The unit tier: no multi-process, SLURM, Triton-interpreter or slow test (about a minute on 2
+# cores), with its slowest tests listed so that one that grows can be moved to `slow`.
+FAST := not distributed and not slurm and not interpreter and not slow
+test-fast: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "$(FAST)" --durations=15
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -100,6 +100,7 @@ def exported(trained, tmp_path_factory) -> Path:
 # ---- round trips ------------------------------------------------------------------------------
 
 
+@pytest.mark.distributed  # the `trained` fixture: 4 ranks
 def test_trained_dyt_round_trip_is_bit_identical(trained, exported, tmp_path):
     files = sorted(p.name for p in exported.iterdir())
     assert "model.safetensors.index.json" in files and "model-00001-of-" in " ".join(files)
@@ -172,6 +173,7 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.distributed  # the `trained` fixture: 4 ranks
 def test_dyt_logits_match_transformers_with_custom_code(trained, exported, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(exported, copy)
@@ -315,6 +317,7 @@ def test_rmsnorm_model_converts_to_dyt(tmp_path):
     assert torch.equal(full["output.head.weight"], hf["model.embed_tokens.weight"])
 
 
+@pytest.mark.distributed  # the `trained` fixture: 4 ranks
 def test_export_in_bf16_and_the_tokenizer(trained, corpus, tmp_path):
     import sentencepiece as spm
     from safetensors import safe_open
@@ -340,6 +343,7 @@ def _eval(path: str, out: str) -> float:
     return evaluate_checkpoint(path, ["pycloze"], batch_size=4, limit=4, out_dir=out).summary
 
 
+@pytest.mark.distributed
 def test_training_continues_and_eval_reads_an_import(corpus, exported, tmp_path):
     """Import at TP2/PP2 → `train` at TP2/PP2 loads the weights (a step at lr 1e-30 keeps them
     bit for bit, so the step-1 checkpoint equals the import) → `eval` reads it."""

@@ -409,6 +409,7 @@ def _build_on_ranks(*cfgs) -> list[list[list[int]]]:
     return samples
 
 
+@pytest.mark.distributed
 def test_two_ranks_build_the_same_samples_as_one_process(tokenizer, demo_cache, tmp_path):
     prefixes = _two_datasets(tokenizer, tmp_path)
     data = {"tokenizer": str(tokenizer.path), "paths": prefixes}

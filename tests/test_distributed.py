@@ -20,6 +20,8 @@ from megatron_dyt.model import (
     pipeline_module,
 )
 
+pytestmark = pytest.mark.distributed  # every test runs TP/PP ranks through tests/distributed.py
+
 
 def _gather_vocab(logits: torch.Tensor) -> torch.Tensor:
     """Vocab-parallel logits [s, b, v/tp] -> full [s, b, v] (each rank holds a contiguous slice)."""

@@ -102,6 +102,7 @@ def single(corpus, tmp_path_factory):
     )[0]
 
 
+@pytest.mark.slow  # one spawned rank scores the whole task (~25 s)
 def test_loglikelihoods_equal_a_direct_computation(single):
     assert len(single["ll"]) == 4 * 32  # 32 documents × 4 choices
     for (ll, greedy), (ref, ref_greedy) in zip(single["ll"], single["direct"], strict=True):
@@ -111,6 +112,7 @@ def test_loglikelihoods_equal_a_direct_computation(single):
 
 
 @pytest.mark.parametrize("tp,pp,dp", [(2, 1, 1), (1, 2, 1), (1, 1, 2)])
+@pytest.mark.distributed
 def test_parallel_layouts_give_the_same_loglikelihoods(tp, pp, dp, corpus, single, tmp_path):
     ranks = distributed.run(
         _score,
@@ -193,6 +195,7 @@ def _rolling_and_generate(cfg_dict: dict, tokenizer_path: str) -> dict:
     }
 
 
+@pytest.mark.slow  # a spawned rank (~8 s)
 def test_rolling_windows_and_greedy_generation(corpus, tmp_path):
     out = distributed.run(
         _rolling_and_generate, 1, eval_dict(corpus), corpus["tokenizer"], tmp_path=tmp_path
@@ -224,6 +227,7 @@ def _eval_checkpoint(path: str, out: str) -> dict | None:
     return result.summary
 
 
+@pytest.mark.distributed
 def test_eval_command_merges_tp_shards_in_one_process(trained_tp2, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
@@ -256,6 +260,7 @@ def test_eval_command_merges_tp_shards_in_one_process(trained_tp2, tmp_path):
     assert ranks[0]["rows"][0]["value"] == pytest.approx(acc)
 
 
+@pytest.mark.distributed  # trained_tp2: two ranks
 def test_eval_errors(trained_tp2, tmp_path, capsys):
     from megatron_dyt.cli import main
 
@@ -293,6 +298,7 @@ def test_suites():
     assert s["average_all_metrics"] == pytest.approx((0.5 + 0.4 + 0.7) / 3)
 
 
+@pytest.mark.slow  # lm-eval's task index is built first: 5-12 s
 def test_missing_hf_dataset_is_named(monkeypatch):
     from megatron_dyt.eval.run import check_datasets, task_manager
 
@@ -317,6 +323,7 @@ def test_bundled_task_data_is_absolute():
     assert len(json.loads(path.read_text())) == 32
 
 
+@pytest.mark.slow
 def test_zero_shot_scores_are_logged_during_training(corpus, tmp_path):
     cfg = train_dict(corpus, train_steps=4)
     cfg["eval"] = {"suite": "offline", "every_n_steps": 2, "limit": 8, "batch_size": 4}

@@ -41,6 +41,7 @@ def test_published_parameter_counts(size, capsys):
     assert dyt["norms"]["attention"].startswith("dyt") and "α₀" in dyt["norms"]["mlp"]
 
 
+@pytest.mark.slow  # two CLI processes: ~9 s
 def test_console_script(tmp_path):
     exe = shutil.which("megatron-dyt") or str(Path(sys.executable).parent / "megatron-dyt")
     proc = subprocess.run(
@@ -116,6 +117,7 @@ def test_gpus_must_fit_the_layout(capsys):
     )
 
 
+@pytest.mark.interpreter  # the tiny DyT model on the default triton backend
 def test_build_runs_a_real_step(capsys):
     out = _info_json(capsys, str(ROOT / "configs/tiny-dyt.yaml"), "--build")
     st = out["smoke_test"]

@@ -69,6 +69,7 @@ def test_the_promised_layout_is_there():
     ],
     ids=["cli", "convert-to-hf", "transformers+lm-eval-hf", "subpackages"],
 )
+@pytest.mark.slow  # a fresh interpreter that imports torch and more: 2-5 s each
 def test_entry_points_import_from_the_repo_root(args):
     done = run_at_root(*args)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -122,6 +123,7 @@ def test_version_everywhere(capsys):
     assert version("megatron-dyt") == megatron_dyt.__version__
 
 
+@pytest.mark.slow  # pip builds a wheel: 2-8 s
 def test_the_wheel_holds_one_package_with_its_data(tmp_path):
     # Built from a copy: setuptools writes build/ and *.egg-info next to the sources.
     src = tmp_path / "src"

@@ -113,6 +113,7 @@ def _check_against_reference(kind, squash, beta, shape, dtype) -> None:
 
 
 @pytest.mark.parametrize("kind,squash,beta", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.interpreter
 def test_forward_and_gradients_match_the_reference_fp32(kind, squash, beta):
     # A 3-D input (any leading shape) with hidden 64, and hidden 80 (not a power of two) on the
     # many-tiles, many-programs path.
@@ -125,12 +126,14 @@ def test_forward_and_gradients_match_the_reference_fp32(kind, squash, beta):
 @pytest.mark.parametrize(
     "kind,squash,beta", [VARIANTS[0], VARIANTS[1], VARIANTS[5]], ids=["dyt", "dyt-beta", "derf"]
 )
+@pytest.mark.interpreter
 def test_forward_and_gradients_match_the_reference_half(kind, squash, beta, dtype):
     _check_against_reference(kind, squash, beta, (4, 9, 80), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind,squash,beta", [VARIANTS[1], VARIANTS[5]], ids=["dyt", "derf"])
+@pytest.mark.interpreter
 def test_flat_forward_kernel_matches_the_reference(kind, squash, beta, dtype):
     # The flattened forward (a launch option): blocks of 64 elements straddle rows of 80, and
     # the last block is ragged (37 × 80 = 2960 = 46 × 64 + 16); the fused residual variant too.
@@ -145,11 +148,13 @@ def test_flat_forward_kernel_matches_the_reference(kind, squash, beta, dtype):
 
 
 @pytest.mark.parametrize("hidden", [5120, 22016])
+@pytest.mark.interpreter
 def test_large_non_power_of_two_hidden_sizes(hidden):
     _check_against_reference("dyt", "tanh", False, (3, hidden), torch.float32)
     _check_against_reference("derf", "erf", True, (2, hidden), torch.bfloat16)
 
 
+@pytest.mark.interpreter
 def test_bf16_output_is_the_rounded_fp32_result():
     # All of bf16's normal numbers (and 0) through tanh(0.5·x): the kernel rounds its fp32
     # result to nearest even, like PyTorch, and its tanh is accurate enough that no rounding
@@ -167,6 +172,7 @@ def test_bf16_output_is_the_rounded_fp32_result():
     assert ((y.float() - want.float()).abs() <= ulp).all()
 
 
+@pytest.mark.interpreter
 def test_tanh_is_accurate_in_fp32():
     z = torch.linspace(-12, 12, 64 * 1000, dtype=torch.float64).reshape(64, 1000)
     y = ops.dyt(z.float().to(DEVICE), torch.ones(1, device=DEVICE), torch.ones(1000, device=DEVICE))
@@ -176,6 +182,7 @@ def test_tanh_is_accurate_in_fp32():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind,squash,beta", [VARIANTS[1], VARIANTS[5]], ids=["dyt", "derf"])
+@pytest.mark.interpreter
 def test_fused_residual_matches_add_then_norm(kind, squash, beta, dtype):
     norm = _reference(kind, squash, beta, 80)
     x = _inputs((2, 11, 80), dtype, seed=3)
@@ -199,6 +206,7 @@ def test_fused_residual_matches_add_then_norm(kind, squash, beta, dtype):
         _assert_close(g, w, tol["out"] if name in ("dx", "dr") else tol["param"], name)
 
 
+@pytest.mark.interpreter
 def test_fused_residual_when_only_y_is_used():
     norm = _reference("dyt", "tanh", False, 64)
     x, r = _inputs((5, 64), torch.float32), _inputs((5, 64), torch.float32, seed=7)
@@ -209,6 +217,7 @@ def test_fused_residual_when_only_y_is_used():
     torch.testing.assert_close(gr, ref[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.interpreter
 def test_gradients_are_bit_identical_run_to_run():
     norm = _reference("derf", "erf", True, 80)
     x = _inputs((45, 80), torch.bfloat16)
@@ -221,6 +230,7 @@ def test_gradients_are_bit_identical_run_to_run():
         assert torch.equal(a, b)
 
 
+@pytest.mark.interpreter
 def test_parameters_in_half_precision_get_gradients_in_their_dtype():
     # DeepSpeed bf16 keeps the module's parameters in bf16.
     norm = _reference("derf", "erf", True, 64).to(torch.bfloat16)
@@ -232,6 +242,7 @@ def test_parameters_in_half_precision_get_gradients_in_their_dtype():
         torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.interpreter
 def test_frozen_alpha_and_empty_input():
     norm = DyT(64, 0.5, beta=False, learnable_alpha=False).to(DEVICE)
     x = _inputs((4, 64), torch.float32)
@@ -260,6 +271,7 @@ def test_bad_inputs_are_clear_errors():
         ops.derf(torch.ones(2, 64, device=DEVICE), alpha, torch.zeros(2, device=DEVICE), weight)
 
 
+@pytest.mark.interpreter
 def test_strided_weight_and_bias_are_read_as_their_values():
     x = _inputs((4, 80), torch.float32)
     alpha = torch.tensor([0.7], device=DEVICE)
@@ -273,6 +285,7 @@ def test_strided_weight_and_bias_are_read_as_their_values():
         torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.interpreter
 def test_double_backward_through_the_eager_kernels_is_an_error():
     # The kernels' backward is not itself differentiable: a second-order term must fail loudly,
     # not come out as if dx did not depend on x.
@@ -300,6 +313,7 @@ print("traced", sum("dyt_backward" in str(n.target) for n in graph.graph.nodes))
 """
 
 
+@pytest.mark.slow  # a fresh interpreter: 3.5-6 s
 def test_backward_traces_with_symbolic_shapes():
     # What torch.compile(dynamic=True) does with the custom ops: their fake implementations run
     # with symbolic sizes, so the launch grid must not need hashable ones. Traced without the
@@ -318,6 +332,7 @@ def test_backward_traces_with_symbolic_shapes():
 # ---- custom ops and compilation -------------------------------------------------------------
 
 
+@pytest.mark.interpreter
 def test_opcheck():
     x = _inputs((6, 80), torch.float32)
     alpha = torch.tensor([0.6], device=DEVICE, requires_grad=True)
@@ -340,6 +355,7 @@ def test_opcheck():
 
 
 @pytest.mark.parametrize("kind,squash,beta", [VARIANTS[1], VARIANTS[5]], ids=["dyt", "derf"])
+@pytest.mark.interpreter
 def test_eager_calls_bypass_the_custom_ops_and_agree_with_them(monkeypatch, kind, squash, beta):
     # Eagerly the kernels run under plain autograd Functions (a custom op's dispatch costs more
     # host time than a small kernel); while torch.compile traces, they are the custom ops.
@@ -384,6 +400,7 @@ class _Block(torch.nn.Module):
     not CUDA, reason="torch.compile of Triton custom ops needs CUDA (the interpreter cannot trace)"
 )
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+@pytest.mark.interpreter  # the kernel tier (runs on a GPU only)
 def test_compiled_block_has_no_graph_break_and_matches_eager(mode):
     norms._load_kernels()
     block = _Block(256)
@@ -399,6 +416,7 @@ def test_compiled_block_has_no_graph_break_and_matches_eager(mode):
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need CUDA")
+@pytest.mark.interpreter  # the kernel tier (runs on a GPU only)
 def test_eager_ops_can_be_captured_in_a_cuda_graph():
     norm = _reference("dyt", "tanh", False, 512)
     x = torch.randn(64, 512, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
@@ -463,6 +481,7 @@ print("compiled")
 """
 
 
+@pytest.mark.slow  # not the interpreter: ptxas compiles for sm_90, 4-6 s
 def test_kernels_compile_for_sm90_without_a_gpu():
     import os
     import subprocess
@@ -523,6 +542,7 @@ def test_default_backend_is_triton():
 
 
 @pytest.mark.parametrize("kind", ["dyt", "derf"])
+@pytest.mark.interpreter
 def test_triton_backend_runs_the_kernels_where_they_can_run(kind, spy):
     s = spy(interpret=True)
     norm = build_norm("attention", 64, _cfg(kind, "triton")).to(DEVICE)
@@ -574,6 +594,7 @@ def test_float64_takes_the_reference(spy):
     assert s.calls == []
 
 
+@pytest.mark.interpreter
 def test_hooked_norm_sees_its_input_unfused(spy):
     # Forward hooks (the trainer's norm statistics, ZeRO-3's parameter fetch) must see h = x + r,
     # so a hooked norm adds in torch and runs its (kernel) forward through __call__.
@@ -591,6 +612,7 @@ def test_hooked_norm_sees_its_input_unfused(spy):
 
 
 @pytest.mark.parametrize("kind", ["dyt", "derf"])
+@pytest.mark.interpreter
 def test_transformer_block_backends_agree(kind, spy):
     # The block's residual add + MLP norm goes through forward_residual: fused on the triton
     # backend, `h = x + r; norm(h)` on the torch one, with the same numbers.
@@ -625,6 +647,7 @@ def test_transformer_block_backends_agree(kind, spy):
 # ---- the benchmark script -------------------------------------------------------------------
 
 
+@pytest.mark.interpreter
 def test_benchmark_code_path_runs(monkeypatch):
     # Not a timing: the script's own logic on a tiny shape, with torch.compile left out and a
     # do_bench that calls the step once (on CPU the interpreter runs our kernels).
@@ -663,6 +686,7 @@ def test_benchmark_code_path_runs(monkeypatch):
     assert impls <= {r["impl"] for r in rows}
 
 
+@pytest.mark.interpreter
 def test_benchmark_tune_code_path_runs(monkeypatch):
     from megatron_dyt.kernels import bench
 
@@ -740,6 +764,7 @@ def test_results_table_marks_the_fastest_and_the_share_of_the_floor():
     assert graph[2] == "| dyt | 8×64 | fwd | 10.0 | **20.0 (50%)** |"
 
 
+@pytest.mark.interpreter
 def test_training_step_benchmark_code_path_runs(tmp_path):
     """The model-level benchmark on CPU with a tiny preset: every variant trains and the
     results merge into an existing results file."""

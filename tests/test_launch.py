@@ -103,6 +103,7 @@ def test_layout_errors_name_the_numbers():
         _ = SlurmOptions(gpus_per_node=0).procs
 
 
+@pytest.mark.slow  # four CLI processes: ~20 s
 def test_bad_command_lines_are_one_clear_error(tmp_path, corpus):
     config = write_config(tmp_path, corpus)
     bad = cli(
@@ -136,6 +137,7 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
+@pytest.mark.distributed  # `launch local --nproc 2`
 def test_sigterm_to_a_local_launch_stops_the_training_with_a_checkpoint(tmp_path, corpus):
     """The launcher passes SIGTERM on (once): the workers save and exit, nothing outlives it."""
     config = write_config(tmp_path, corpus, train_steps=10_000)
@@ -225,6 +227,7 @@ def submit(cluster: Cluster, *args: str) -> str:
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+@pytest.mark.slurm
 def test_two_node_job_equals_a_local_run(cluster, reference, tmp_path, launcher):
     config, expected = reference
     run_dir = tmp_path / "run"
@@ -244,6 +247,7 @@ def test_two_node_job_equals_a_local_run(cluster, reference, tmp_path, launcher)
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
 
 
+@pytest.mark.slurm
 def test_preempted_job_checkpoints_requeues_and_resumes(cluster, corpus, tmp_path):
     steps = 40
     config = write_config(tmp_path, corpus, train_steps=steps)
@@ -271,6 +275,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, corpus, tmp_pat
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
 
 
+@pytest.mark.slurm
 def test_sweep_as_a_job_array_with_a_preempted_task(cluster, corpus, tmp_path):
     """`sweep run --slurm` on the cluster: one array task is signalled mid-run, checkpoints,
     requeues itself and resumes; every run finishes and `sweep report` writes its files."""

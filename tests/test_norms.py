@@ -127,6 +127,7 @@ def test_kinds_and_learnable_alpha():
         build_norm("ffn", H, NormConfig())
 
 
+@pytest.mark.interpreter  # backend 'triton', the default
 def test_identity_squash_is_identity():
     norm = build_norm(
         "attention", H, NormConfig(kind="dyt", squash="identity", alpha_attn=1.0, beta=True)
@@ -149,6 +150,7 @@ def test_meta_construction_then_reset_gives_the_same_initial_values(kind):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.interpreter  # backend 'triton', the default
 def test_half_precision_math_is_fp32():
     norm = build_norm("attention", H, NormConfig(kind="dyt", alpha_attn=0.5))
     x = torch.randn(8, H, dtype=torch.bfloat16)

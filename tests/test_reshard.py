@@ -65,6 +65,7 @@ def _universal(folder: Path) -> dict[str, dict]:
     return {n: torch.load(folder / PARAMS / f"{n}.pt") for n in meta["params"]}
 
 
+@pytest.mark.distributed
 def test_convert_reshard_to_tp1_pp2_continues_like_the_unresharded_run(source, tmp_path, capsys):
     out = tmp_path / "pp2"
     code = main(
@@ -101,6 +102,7 @@ def test_convert_reshard_to_tp1_pp2_continues_like_the_unresharded_run(source, t
         _assert_continues(r["losses"], source)
 
 
+@pytest.mark.distributed
 def test_resume_reshard_true_at_dp2_continues_like_the_unresharded_run(corpus, source, tmp_path):
     run = _copy_at_step_n(source, tmp_path / "dp2")
     cfg = _cfg(corpus, tp=1)
@@ -135,6 +137,7 @@ def _zero_moments(folder: Path) -> None:
         torch.save(record, path)
 
 
+@pytest.mark.distributed  # the `source` fixture: 2 ranks
 def test_reset_moments_are_detected(corpus, source, tmp_path):
     # The control that makes the two tests above meaningful: the same continuation with Adam's
     # moments zeroed (what a weights-only reshard gives) misses the reference by far more than
@@ -148,6 +151,7 @@ def test_reset_moments_are_detected(corpus, source, tmp_path):
     assert worst > 50 * RTOL
 
 
+@pytest.mark.distributed  # the `source` fixture: 2 ranks
 def test_other_layout_without_reshard_is_a_clear_error(corpus, source, tmp_path):
     run = _copy_at_step_n(source, tmp_path / "run")
     cfg = config_from_dict(_cfg(corpus, tp=1))
@@ -180,6 +184,7 @@ def _train_error(cfg_dict: dict, run_dir: str) -> str:
     return "no error"
 
 
+@pytest.mark.distributed  # the `source` fixture: 2 ranks
 def test_universal_checkpoint_that_does_not_fit_the_model(source, tmp_path):
     out = tmp_path / "out"
     reshard_checkpoint(source["step_n"], out, tensor=1, progress=False)
@@ -199,6 +204,7 @@ def test_universal_checkpoint_that_does_not_fit_the_model(source, tmp_path):
         (["--pp", "3"], "model.num_layers=2 is not divisible by parallel.pipeline=3"),
     ],
 )
+@pytest.mark.distributed  # the `source` fixture: 2 ranks
 def test_layout_the_model_cannot_be_split_into(flags, message, source, tmp_path, capsys):
     code = main(["convert", "reshard", str(source["run"]), str(tmp_path / "out"), *flags])
     err = capsys.readouterr().err
@@ -206,6 +212,7 @@ def test_layout_the_model_cannot_be_split_into(flags, message, source, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.distributed  # the `source` fixture: 2 ranks
 def test_shapes_that_do_not_match_the_config(source, tmp_path, capsys):
     bad = tmp_path / "step"
     shutil.copytree(source["step_n"], bad)
@@ -261,6 +268,7 @@ def test_data_position_is_kept_in_global_samples(tmp_path):
         _client_state(meta, 16, tmp_path)
 
 
+@pytest.mark.distributed
 def test_fixed_alpha_run_reshards_and_continues(corpus, tmp_path):
     """With `learnable_alpha: false` the α are not in the optimizer: they are resharded as
     weights alone, and a ZeRO-1 run resumed at TP=2 continues like the unresharded one."""

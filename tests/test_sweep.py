@@ -202,6 +202,7 @@ def test_runs_of_several_processes_go_through_the_node_wrapper(tmp_path):
 # ---- running: done, failed, diverged, resume ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_local_sweep_records_done_failed_diverged_and_resumes(corpus, tmp_path, capsys):
     base = train_dict(corpus, train_steps=3, save_interval=0)
     spec = _write_spec(
@@ -302,6 +303,7 @@ def test_divergence_is_read_from_the_trainers_status_json(
     assert [(r.name, r.state) for r in rows] == [(entry["name"], want)]
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_checkpoints_and_resumes(corpus, tmp_path):
     spec = _write_spec(
         tmp_path, train_dict(corpus, train_steps=20, save_interval=0), {"train.seed": [7]}

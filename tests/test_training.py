@@ -33,6 +33,7 @@ def _assert_losses_close(got: dict, expected: dict, rtol: float) -> None:
         assert got[step] == pytest.approx(expected[step], rel=rtol), f"step {step}"
 
 
+@pytest.mark.slow
 def test_loss_falls(reference):
     losses = reference["losses"]
     assert losses[STEPS] < losses[1] - 0.3
@@ -40,6 +41,7 @@ def test_loss_falls(reference):
 
 # DP/TP/PP change only the order of floating-point sums: 1e-5 relative over 8 steps.
 @pytest.mark.parametrize("zero", [1, 2, 3])
+@pytest.mark.distributed
 def test_data_parallel_zero_matches_single_process(zero, corpus, reference, tmp_path):
     ranks = distributed.run(
         _train, 2, train_dict(corpus, zero=zero), str(tmp_path / "run"), tmp_path=tmp_path
@@ -49,6 +51,7 @@ def test_data_parallel_zero_matches_single_process(zero, corpus, reference, tmp_
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+@pytest.mark.distributed
 def test_tensor_and_pipeline_parallel_match_single_process(tp, pp, corpus, reference, tmp_path):
     ranks = distributed.run(
         _train,
@@ -61,6 +64,7 @@ def test_tensor_and_pipeline_parallel_match_single_process(tp, pp, corpus, refer
         _assert_losses_close(r["losses"], reference["losses"], 1e-5)
 
 
+@pytest.mark.distributed
 def test_tp2_pp2_trains(corpus, reference, tmp_path):
     ranks = distributed.run(
         _train, 4, train_dict(corpus, tp=2, pp=2, zero=1), str(tmp_path / "run"), tmp_path=tmp_path
@@ -70,6 +74,7 @@ def test_tp2_pp2_trains(corpus, reference, tmp_path):
     assert (tmp_path / "run/checkpoints/latest").read_text() == f"step_{STEPS:07d}"
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(corpus, reference, tmp_path):
     cfg = train_dict(corpus)
     run = str(tmp_path / "run")
@@ -90,6 +95,7 @@ def test_resume_is_bit_identical(corpus, reference, tmp_path):
     assert "norm/layers.0.attention_norm/alpha" in lines[0]
 
 
+@pytest.mark.distributed
 def test_resume_across_data_parallel_sizes_sees_the_same_data(corpus, reference, tmp_path):
     # ZeRO-0: the optimizer state is not partitioned, so DeepSpeed reloads it at another DP size
     # (repartitioning ZeRO-1/2/3 state is the resharding converter's job).
@@ -101,6 +107,7 @@ def test_resume_across_data_parallel_sizes_sees_the_same_data(corpus, reference,
         assert ranks[0]["losses"][step] == pytest.approx(reference["losses"][step], rel=1e-5)
 
 
+@pytest.mark.distributed
 def test_zero_to_fp32_consolidation_loads_into_the_model(corpus, tmp_path):
     from megatron_dyt import parallel
     from megatron_dyt.model import LlamaModel, load_full_state_dict
@@ -144,6 +151,7 @@ def test_zero_to_fp32_consolidation_loads_into_the_model(corpus, tmp_path):
     assert torch.stack(losses).mean().item() == pytest.approx(ranks[0]["valid"][STEPS], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_zero_then_resumes(corpus, tmp_path):
     cfg = train_dict(corpus)
     cfg["train"]["train_steps"] = 10_000
@@ -189,6 +197,7 @@ def test_sigterm_saves_and_exits_zero_then_resumes(corpus, tmp_path):
     assert steps[-2:] == [saved_step + 1, saved_step + 2]
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_a_clear_error(corpus, tmp_path):
     cfg = train_dict(corpus)
     cfg["train"]["train_steps"] = 2
@@ -228,6 +237,7 @@ def test_run_dir_that_is_a_file_is_refused(tmp_path):
         prepare_run_dir(config_from_dict({}), tmp_path / "run", allow_config_change=False)
 
 
+@pytest.mark.slow
 def test_changed_config_is_refused(corpus, tmp_path):
     cfg = train_dict(corpus)
     cfg["train"]["train_steps"] = 1
@@ -276,6 +286,7 @@ def _train_with_nan(cfg_dict: dict, run_dir: str, bad_batch: int) -> dict:
         return {"error": str(exc)}
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_the_step_and_last_good_checkpoint(corpus, reference, tmp_path):
     cfg = train_dict(corpus, save_interval=2)
     out = distributed.run(_train_with_nan, 1, cfg, str(tmp_path / "run"), 4, tmp_path=tmp_path)[0]
@@ -286,6 +297,7 @@ def test_nonfinite_loss_stops_with_the_step_and_last_good_checkpoint(corpus, ref
     assert (tmp_path / "run/checkpoints/latest").read_text() == "step_0000004"
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_rewinds_and_skips_the_batch(corpus, reference, tmp_path):
     cfg = train_dict(corpus, save_interval=2, skip_nonfinite_steps=1)
     out = distributed.run(_train_with_nan, 1, cfg, str(tmp_path / "run"), 4, tmp_path=tmp_path)[0]
@@ -297,6 +309,7 @@ def test_nonfinite_loss_rewinds_and_skips_the_batch(corpus, reference, tmp_path)
     assert done["skipped_batches"] == [4] and done["data_cursor"] == STEPS + 1
 
 
+@pytest.mark.slow
 def test_blend_outlasts_skipped_batches_and_the_logged_lr_is_the_schedule(corpus, tmp_path):
     """A skipped batch moves the data cursor past `train_steps` batches: a blended dataset, built
     to its exact sample count, must hold the extra ones. With `dyt_lr_multiplier` the DyT
