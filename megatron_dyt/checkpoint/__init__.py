@@ -21,6 +21,7 @@ from megatron_dyt.checkpoint.format import (
     read_complete,
     read_config,
     resolve,
+    saved_grouping,
     saved_layout,
     tag_for,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "read_full_state_dict",
     "resolve",
     "save",
+    "saved_grouping",
     "saved_layout",
     "tag_for",
     "universal_of",

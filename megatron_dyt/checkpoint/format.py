@@ -33,6 +33,7 @@ LATEST = "latest"
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer.model"
 WEIGHTS_ONLY = "weights_only"  # complete.json flag of an import: no optimizer state
+GROUPING_KEY = "param_grouping"  # complete.json: how the optimizer's groups were formed
 UNIVERSAL_META = "universal.json"  # marks the layout-free form
 UNIVERSAL_PARAMS = "params"  # its folder of one file per canonical tensor
 UNIVERSAL_CACHE = "universal"  # a step folder's own universal form (`resume.reshard=true`)
@@ -141,6 +142,11 @@ def read_config(folder: Path) -> Config:
     from megatron_dyt.config import load_config
 
     return load_config(folder / CONFIG, saved=True)
+
+
+def saved_grouping(folder: Path) -> int:
+    """The optimizer grouping (`model/groups.py` GROUPING) a checkpoint was saved with."""
+    return int(read_complete(folder).get(GROUPING_KEY, 1))
 
 
 def saved_layout(folder: Path, cfg: Config | None = None) -> RunLayout:

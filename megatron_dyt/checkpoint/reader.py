@@ -28,6 +28,7 @@ from megatron_dyt.checkpoint.format import (
     model_file,
     optim_file,
     read_complete,
+    saved_grouping,
     universal_param_file,
 )
 from megatron_dyt.config import Config
@@ -148,7 +149,7 @@ def _weights_only(weights: dict[str, torch.Tensor], cfg: Config) -> dict[str, Pa
     out = _frozen(weights, cfg)
     for name, w in weights.items():
         if name not in out:
-            decay, mult = group_key(name, w.dim(), cfg)
+            decay, mult, _ = group_key(name, w.shape, cfg)
             group = {"weight_decay": decay, "lr_mult": mult}
             out[name] = ParamState(w.float(), None, None, step=0, group=group)
     return out
@@ -157,13 +158,16 @@ def _weights_only(weights: dict[str, torch.Tensor], cfg: Config) -> dict[str, Pa
 def _torch_optimizer(
     folder: Path, cfg: Config, stage: int, tp_rank: int, weights: dict[str, torch.Tensor]
 ) -> dict[str, ParamState]:
-    """ZeRO-0 fp32: the AdamW state dict in mp_rank_XX, indexed in our param-group order."""
+    """ZeRO-0 fp32: the AdamW state dict in mp_rank_XX, indexed in our param-group order (the
+    grouping the checkpoint was saved with)."""
     path = folder / model_file(stage * cfg.parallel.tensor + tp_rank)
     saved = ds.torch_optimizer_state(load_file(path, mmap=True))
+    grouping = saved_grouping(folder)
     out = _frozen(weights, cfg)
     trained = {n: w for n, w in weights.items() if n not in out}
-    keys = sorted({group_key(n, w.dim(), cfg) for n, w in trained.items()})
-    names = [[n for n, w in trained.items() if group_key(n, w.dim(), cfg) == k] for k in keys]
+    key = {n: group_key(n, w.shape, cfg, grouping) for n, w in trained.items()}
+    keys = sorted(set(key.values()))
+    names = [[n for n in trained if key[n] == k] for k in keys]
     groups = saved.get("param_groups", [])
     if len(groups) != len(keys):
         raise CheckpointError(
@@ -171,7 +175,7 @@ def _torch_optimizer(
             f" weight-decay / DyT lr policy gives {len(keys)}; the checkpoint does not match"
             " its config.yaml"
         )
-    for (decay, mult), group_names, group in zip(keys, names, groups, strict=True):
+    for (decay, mult, _), group_names, group in zip(keys, names, groups, strict=True):
         if len(group["params"]) != len(group_names) or (
             group.get("weight_decay"),
             group.get("lr_mult", 1.0),

@@ -11,26 +11,26 @@ from megatron_dyt.model.groups import group_key
 
 
 def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
-    """Groups keyed by (weight decay, lr multiplier) (`model/groups.py`); `lr_mult` scales the
-    scheduled lr."""
+    """Groups keyed by (weight decay, lr multiplier, apart) (`model/groups.py`); `lr_mult`
+    scales the scheduled lr."""
     t = cfg.train
-    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
-    names: dict[tuple[float, float], list[str]] = {}
+    groups: dict[tuple[float, float, bool], list[torch.nn.Parameter]] = {}
+    names: dict[tuple[float, float, bool], list[str]] = {}
     for name, param in canonical_parameters(model):
         if not param.requires_grad:
             continue
-        decay, mult = group_key(name, param.dim(), cfg)
-        groups.setdefault((decay, mult), []).append(param)
-        names.setdefault((decay, mult), []).append(name)
+        key = group_key(name, param.shape, cfg)
+        groups.setdefault(key, []).append(param)
+        names.setdefault(key, []).append(name)
     return [
         {
             "params": params,
             "weight_decay": decay,
             "lr": t.lr * mult,
             "lr_mult": mult,
-            "names": names[(decay, mult)],
+            "names": names[(decay, mult, apart)],
         }
-        for (decay, mult), params in sorted(groups.items())
+        for (decay, mult, apart), params in sorted(groups.items())
     ]
 
 

@@ -23,10 +23,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_dyt import __version__, checkpoint, parallel
+from megatron_dyt.checkpoint.format import GROUPING_KEY
 from megatron_dyt.config import Config, load_config
 from megatron_dyt.errors import MegatronDyTError
 from megatron_dyt.fileio import atomic_write
 from megatron_dyt.layout import BatchLayout, batch_layout, data_parallel_size, run_layout
+from megatron_dyt.model.groups import GROUPING
 from megatron_dyt.training.engine import build_model, deepspeed_config, initialize
 from megatron_dyt.training.metrics import MetricsWriter, NormStats, flops_per_token, peak_tflops
 from megatron_dyt.training.schedule import lr_factor
@@ -107,8 +109,17 @@ def _check_resume_layout(cfg: Config, folder: Path, world_size: int) -> bool:
         saved = None
     else:
         saved = checkpoint.saved_layout(folder)
-        if current.loads_natively(saved):
+        regroup = _optimizer_groups_changed(cfg, folder)
+        if current.loads_natively(saved) and not regroup:
             return False
+        if regroup and not cfg.resume.reshard:
+            raise TrainingError(
+                f"checkpoint '{folder}' was saved before the optimizer kept one-element tensors"
+                " (DyT's α, the embedding scale) in parameter groups of their own, so its"
+                " optimizer state does not load as it is. Set resume.reshard=true to convert it"
+                " while resuming (weights, Adam moments and position are kept), or convert it"
+                " first with `megatron-dyt convert reshard`"
+            )
         if not cfg.resume.reshard:
             raise TrainingError(
                 f"checkpoint '{folder}' was saved at {saved.describe()}; this run is"
@@ -124,6 +135,24 @@ def _check_resume_layout(cfg: Config, folder: Path, world_size: int) -> bool:
                 " stages 0-2 in fp32 or bf16"
             )
     return True
+
+
+def _optimizer_groups_changed(cfg: Config, folder: Path) -> bool:
+    """Whether a checkpoint's optimizer groups differ from the ones this run builds (a
+    checkpoint of an older grouping with tensors that are now kept apart)."""
+    from megatron_dyt.info import build_meta_model
+    from megatron_dyt.model import canonical_parameters
+    from megatron_dyt.model.groups import GROUPING, group_key, is_trainable
+
+    if checkpoint.read_complete(folder).get(checkpoint.WEIGHTS_ONLY, False):
+        return False  # no optimizer state to match
+    if checkpoint.saved_grouping(folder) == GROUPING:
+        return False
+    return any(
+        group_key(name, p.shape, cfg)[2]
+        for name, p in canonical_parameters(build_meta_model(cfg))
+        if is_trainable(name, cfg)
+    )
 
 
 def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -488,6 +517,7 @@ class Trainer:
             "consumed_samples": pos.cursor * g,
             "skipped_batches": pos.skipped,
             "layout": asdict(run_layout(self.cfg, self.world)),
+            GROUPING_KEY: GROUPING,
         }
         return checkpoint.save(
             self.engine,
