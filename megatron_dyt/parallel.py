@@ -40,10 +40,16 @@ def initialize_model_parallel(parallel: ParallelConfig) -> None:
     """Create the TP/PP/DP groups for this job's layout (world = TP × PP × DP)."""
     from megatron.core import parallel_state
 
-    from megatron_dyt.layout import data_parallel_size
+    from megatron_dyt.layout import LayoutError
 
     world = dist.get_world_size()
-    data_parallel_size(parallel, world, what=f"the job's {world} processes")
+    model_parallel = parallel.tensor * parallel.pipeline
+    if world % model_parallel:
+        raise LayoutError(
+            f"world size {world} is not divisible by parallel.tensor × parallel.pipeline ="
+            f" {parallel.tensor} × {parallel.pipeline}; launch a multiple of {model_parallel}"
+            " processes"
+        )
     if parallel_state.model_parallel_is_initialized():
         if (
             parallel_state.get_tensor_model_parallel_world_size() == parallel.tensor
