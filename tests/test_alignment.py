@@ -10,7 +10,7 @@ import distributed
 import pytest
 from common import tiny_dict
 
-pytestmark = pytest.mark.distributed
+pytestmark = pytest.mark.slow  # one spawned process each (a clean DeepSpeed state)
 
 
 def _misaligned(kind: str, zero: int) -> dict[str, int]:

@@ -293,3 +293,26 @@ def test_fixed_alpha_run_reshards_and_continues(corpus, tmp_path):
         out / f"checkpoints/step_{steps:07d}", load_config(out / "config.yaml")
     )
     assert end["layers.0.attention_norm.alpha"].item() == pytest.approx(0.8)  # never trained
+
+
+@pytest.mark.distributed  # the `source` fixture: 2 ranks
+def test_checkpoint_of_the_older_optimizer_grouping_resumes_through_reshard(
+    corpus, source, tmp_path
+):
+    """A checkpoint written before one-element tensors had groups of their own (no
+    `param_grouping` in complete.json) does not load natively: a clear error, and with
+    resume.reshard=true it continues like the run it came from (the flat ZeRO partitions are
+    read by tensor name, whatever the grouping)."""
+    run = _copy_at_step_n(source, tmp_path / "old")
+    done_path = run / f"checkpoints/step_{N:07d}/complete.json"
+    done = json.loads(done_path.read_text())
+    assert done.pop("param_grouping") == 2
+    done_path.write_text(json.dumps(done))
+    same = config_from_dict(_cfg(corpus, tp=2))
+    with pytest.raises(TrainingError, match="saved before the optimizer kept one-element tensors"):
+        _check_resume_layout(same, run / f"checkpoints/step_{N:07d}", world_size=2, regroup=True)
+    cfg = _cfg(corpus, tp=2)
+    cfg["resume"] = {"reshard": True}
+    ranks = distributed.run(_train, 2, cfg, str(run), tmp_path=tmp_path)
+    for r in ranks:
+        _assert_continues(r["losses"], source)

@@ -15,6 +15,7 @@ Training, evaluation, conversion and launching use this package; it uses none of
 from megatron_dyt.checkpoint.format import (
     COMPLETE,
     LATEST,
+    WEIGHTS_ONLY,
     CheckpointError,
     find_latest,
     is_universal,
@@ -33,6 +34,7 @@ from megatron_dyt.checkpoint.writer import write_checkpoint
 __all__ = [
     "COMPLETE",
     "LATEST",
+    "WEIGHTS_ONLY",
     "CheckpointError",
     "find_latest",
     "is_universal",

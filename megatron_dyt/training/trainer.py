@@ -99,8 +99,9 @@ def prepare_run_dir(cfg: Config, run_dir: Path, allow_config_change: bool) -> No
             )
 
 
-def _check_resume_layout(cfg: Config, folder: Path, world_size: int) -> bool:
-    """Whether checkpoint `folder` must be resharded to resume at this run's layout.
+def _check_resume_layout(cfg: Config, folder: Path, world_size: int, regroup: bool = False) -> bool:
+    """Whether checkpoint `folder` must be resharded to resume at this run's layout (`regroup`:
+    its optimizer groups differ from this run's, `_optimizer_groups_changed`).
 
     Without resume.reshard=true a different layout is an error that says what to do.
     """
@@ -109,7 +110,6 @@ def _check_resume_layout(cfg: Config, folder: Path, world_size: int) -> bool:
         saved = None
     else:
         saved = checkpoint.saved_layout(folder)
-        regroup = _optimizer_groups_changed(cfg, folder)
         if current.loads_natively(saved) and not regroup:
             return False
         if regroup and not cfg.resume.reshard:
@@ -137,21 +137,22 @@ def _check_resume_layout(cfg: Config, folder: Path, world_size: int) -> bool:
     return True
 
 
-def _optimizer_groups_changed(cfg: Config, folder: Path) -> bool:
-    """Whether a checkpoint's optimizer groups differ from the ones this run builds (a
-    checkpoint of an older grouping with tensors that are now kept apart)."""
-    from megatron_dyt.info import build_meta_model
+def _optimizer_groups_changed(cfg: Config, folder: Path, model: torch.nn.Module) -> bool:
+    """Whether a checkpoint's optimizer groups differ from the ones this rank's `model` trains
+    in: a checkpoint of an older grouping, and tensors that are now kept apart."""
     from megatron_dyt.model import canonical_parameters
-    from megatron_dyt.model.groups import GROUPING, group_key, is_trainable
+    from megatron_dyt.model.groups import group_key
 
+    if checkpoint.is_universal(folder):
+        return False  # no optimizer groups in it: loaded tensor by tensor
     if checkpoint.read_complete(folder).get(checkpoint.WEIGHTS_ONLY, False):
         return False  # no optimizer state to match
     if checkpoint.saved_grouping(folder) == GROUPING:
         return False
     return any(
         group_key(name, p.shape, cfg)[2]
-        for name, p in canonical_parameters(build_meta_model(cfg))
-        if is_trainable(name, cfg)
+        for name, p in canonical_parameters(model)
+        if p.requires_grad
     )
 
 
@@ -375,6 +376,13 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg)
         init_weights(self.model, cfg.model, cfg.train.seed)
+        if self.resume_tag is not None and not self.resharded:
+            folder = self.ckpt_root / self.resume_tag
+            changed = _optimizer_groups_changed(cfg, folder, self.model)
+            flag = torch.tensor([float(changed)], device=_device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank takes the same path
+            if flag.item():
+                self.resharded = _check_resume_layout(cfg, folder, self.world, regroup=True)
         parameters = _count_parameters(self.model)
         self.engine = initialize(
             self.model,
