@@ -16,7 +16,7 @@ LOCK_USED := $(if $(TORCH_SPEC),$(LOCK),$(VENV)/constraints-no-torch.txt)
 
 .PHONY: install demo sweep-demo test test-fast lint lock clean
 
-$(STAMP): pyproject.toml $(LOCK)
+$(STAMP): pyproject.toml $(LOCK) megatron_dyt/__init__.py  # (the version lives there)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(if $(TORCH_SPEC),,grep -v '^torch==' $(LOCK) >$(LOCK_USED))
 	$(PY) -m pip install -q -c $(LOCK_USED) --upgrade pip
