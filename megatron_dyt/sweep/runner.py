@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron_dyt.launch import local
 from megatron_dyt.sweep.spec import SweepError
 from megatron_dyt.sweep.state import (
     claim,
@@ -80,18 +81,9 @@ def _die_with_parent() -> Callable[[], Any] | None:
 def train_command(config: Path, run_dir: Path, nproc: int = 1) -> list[str]:
     """`megatron-dyt train` in a fresh interpreter; several processes through torchrun's node
     wrapper (launch/node.py), which passes SIGUSR1 on so the workers save before stopping."""
-    cli = ["-m", "megatron_dyt", "train", str(config), "--run-dir", str(run_dir), "--no-progress"]
     if nproc > 1:
-        return [
-            sys.executable,
-            "-m",
-            "megatron_dyt.launch.node",
-            "--standalone",
-            "--nnodes=1",
-            f"--nproc-per-node={nproc}",
-            "--max-restarts=0",
-            *cli,
-        ]
+        return local.command(str(config), ["--no-progress"], run_dir, nproc)
+    cli = ["-m", "megatron_dyt", "train", str(config), "--run-dir", str(run_dir), "--no-progress"]
     return [sys.executable, *cli]
 
 
