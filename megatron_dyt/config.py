@@ -390,7 +390,7 @@ class Config(_Section):
     resume: ResumeConfig = Field(default_factory=ResumeConfig, description=ResumeConfig.__doc__)
 
     @model_validator(mode="after")
-    def _check_layout(self) -> Config:
+    def _check_layout(self, info: ValidationInfo) -> Config:
         m, p = self.model, self.parallel
         if m.num_heads % p.tensor:
             raise ValueError(
@@ -422,6 +422,16 @@ class Config(_Section):
             raise ValueError(
                 "parallel.sequence_parallel=true needs parallel.tensor > 1 (it splits the"
                 " sequence over the tensor-parallel ranks)"
+            )
+        if p.sequence_parallel and p.pipeline > 1:
+            _refuse(
+                f"parallel.sequence_parallel=true cannot be combined with parallel.pipeline="
+                f"{p.pipeline}: DeepSpeed's pipeline engine splits each stage's output over the"
+                " tensor-parallel ranks and gathers it again on the next stage, assuming every"
+                " rank holds the same activation, which sequence parallelism breaks (each rank"
+                " holds its own part of the sequence); use sequence_parallel=false with"
+                " pipeline > 1, or pipeline=1 with sequence parallelism",
+                info,
             )
         if p.sequence_parallel and m.seq_length % p.tensor:
             raise ValueError(

@@ -133,6 +133,27 @@ def test_a_saved_run_config_breaking_a_newer_rule_still_loads(tmp_path):
     assert "accepted in a saved run's config" in str(notes[0].message)
 
 
+def test_sequence_parallel_with_pipeline_is_refused_but_a_saved_run_still_reads(tmp_path, capsys):
+    """SP + PP would corrupt activations silently (DeepSpeed's pipeline engine splits stage
+    outputs over TP assuming identical activations): refused for `info` of the 70B preset as for
+    training, one line and exit 2; a saved run's config with it still loads for export/eval."""
+    from megatron_dyt.checkpoint import read_config
+    from megatron_dyt.cli import main
+    from megatron_dyt.config import ConfigNotice
+
+    code = main(
+        ["info", str(ROOT / "configs/llama-70b-dyt.yaml"), "parallel.sequence_parallel=true"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "parallel.sequence_parallel=true cannot be combined with parallel.pipeline=4" in err
+    tree = load_config(ROOT / "configs/llama-70b-dyt.yaml").to_dict()
+    tree["parallel"]["sequence_parallel"] = True
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
+    with pytest.warns(ConfigNotice, match="cannot be combined with parallel.pipeline=4"):
+        assert read_config(tmp_path).parallel.sequence_parallel
+
+
 def test_warmup_longer_than_the_run_is_a_notice_not_an_error():
     with pytest.warns(
         ScheduleWarning, match="train.warmup_steps=30 is more than train.train_steps"
@@ -182,6 +203,10 @@ BAD = [
     (["model.norm.kind=batchnorm"], "model.norm.kind='batchnorm'"),
     (["parallel.zero_stage=4"], "parallel.zero_stage=4"),
     (["parallel.sequence_parallel=true"], "sequence_parallel=true needs parallel.tensor > 1"),
+    (
+        ["parallel.sequence_parallel=true", "parallel.tensor=8", "parallel.pipeline=4"],
+        "parallel.sequence_parallel=true cannot be combined with parallel.pipeline=4",
+    ),
     (
         ["parallel.sequence_parallel=true", "parallel.tensor=8", "model.seq_length=4100"],
         "model.seq_length=4100 is not divisible by parallel.tensor=8",
