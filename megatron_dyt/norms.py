@@ -123,11 +123,10 @@ class RMSNorm(_Norm):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Statistics in fp32 whatever the activation dtype, as LLaMA does.
-        ct = _compute_dtype(x)
-        xf = x.to(ct)
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.to(ct)).to(x.dtype)
+        # F.rms_norm: on CUDA one fused kernel whose statistics are fp32 whatever the activation
+        # dtype (as LLaMA's), saving only its input and one statistic per row for the backward,
+        # where the unfused form kept fp32 copies of the whole activation.
+        return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

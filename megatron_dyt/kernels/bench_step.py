@@ -5,8 +5,7 @@
 The kernels only matter if they make the model faster, so this times forward + backward +
 AdamW of the same LLaMA (one GPU, TP=1, bf16 weights, fused AdamW, no DeepSpeed so the numbers
 are the model's own) for three norms: `dyt` with `backend: triton`, `dyt` with `backend: torch`
-and `rmsnorm` (the project's `RMSNorm` module: unfused, fp32 statistics — not `F.rms_norm`,
-so it is a weak baseline). It prints ms per step, tokens/s and the ratio to RMSNorm. With
+and `rmsnorm` (the project's `RMSNorm` module, on `F.rms_norm`). It prints ms per step, tokens/s and the ratio to RMSNorm. With
 `--json` the figures go under the key `train_step` of that file, which may already hold the
 kernel benchmark (`python -m megatron_dyt.kernels.bench --json`).
 """
