@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_dyt.config import ParallelConfig
+from megatron_dyt.layout import LayoutError
 
 
 def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> None:
@@ -39,8 +40,6 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> N
 def initialize_model_parallel(parallel: ParallelConfig) -> None:
     """Create the TP/PP/DP groups for this job's layout (world = TP × PP × DP)."""
     from megatron.core import parallel_state
-
-    from megatron_dyt.layout import LayoutError
 
     world = dist.get_world_size()
     model_parallel = parallel.tensor * parallel.pipeline

@@ -9,6 +9,7 @@ everything the package reads at run time.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,8 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_at_root(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    import os
-
     return subprocess.run(
         [sys.executable, *args],
         cwd=ROOT,

@@ -63,8 +63,9 @@ def layer_file(layer: int, tp_rank: int) -> str:
 _OPTIM_PREFIX = {"zero": "zero_pp_rank", "bf16": "bf16_zero_pp_rank"}
 
 
-def optim_file(kind: str, dp_rank: int, mp_rank: int) -> str:
-    """ZeRO partition (`kind` 'zero') or bf16-optimizer partition (`kind` 'bf16') of a rank."""
+def optim_file(kind: str, dp_rank: int | str, mp_rank: int) -> str:
+    """ZeRO partition (`kind` 'zero') or bf16-optimizer partition (`kind` 'bf16') of a rank
+    (`dp_rank` '*': the glob of all data-parallel ranks)."""
     return f"{_OPTIM_PREFIX[kind]}_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
 
 

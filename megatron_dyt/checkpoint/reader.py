@@ -240,7 +240,7 @@ def _flat_optimizer(
         if name not in pieces:
             raise CheckpointError(
                 f"tensor '{name}' has no optimizer state in '{folder}'"
-                f" ({optim_file(layout.optimizer, 0, mp).replace('_0_', '_*_')})"
+                f" ({optim_file(layout.optimizer, '*', mp)})"
             )
         parts = pieces[name]
         values = {}
