@@ -30,6 +30,22 @@ def _saved(info: ValidationInfo) -> bool:
     return bool(info.context and info.context.get("saved"))
 
 
+def accum_error(precision: str, accum: str, zero_stage: int) -> None:
+    """Raise ValueError if DeepSpeed 0.19 cannot sum `precision` gradients in `accum`."""
+    if accum not in ("fp32", precision):
+        raise ValueError(
+            f"train.grad_accum_dtype={accum!r} with train.precision={precision!r}: gradients"
+            f" are summed in fp32 or in the training dtype ('fp32' or {precision!r})"
+        )
+    if precision == "bf16" and accum == "fp32" and zero_stage == 0:
+        raise ValueError(
+            "train.grad_accum_dtype='fp32' with train.precision='bf16' needs"
+            " parallel.zero_stage >= 1: DeepSpeed sums bf16 gradients in fp32 only in its ZeRO"
+            " and bf16 optimizers (ZeRO-1 costs no more memory than ZeRO-0); or set"
+            " train.grad_accum_dtype=bf16"
+        )
+
+
 def _refuse(message: str, info: ValidationInfo) -> None:
     if not _saved(info):
         raise ValueError(message)
@@ -123,8 +139,9 @@ class InitConfig(_Section):
     )
     layout_invariant: bool = Field(
         True,
-        description="Draw every full weight from a per-tensor seed, then take this rank's slice:"
-        " the same model at any TP/PP layout. false: each rank draws only its own slice.",
+        description="Draw every weight from seeds of its canonical name (slab by slab, each"
+        " rank only its own shard): the same model at any TP/PP layout. false: seeds also"
+        " depend on the TP rank, so the model depends on the layout.",
     )
 
 
@@ -259,6 +276,13 @@ class TrainConfig(_Section):
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Training precision; auto: bf16 on GPU, fp32 on CPU."
+    )
+    grad_accum_dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="Dtype gradients are summed in over micro-batches when training in bf16 or"
+        " fp16 (DeepSpeed's data_types.grad_accum_dtype). fp32, as Megatron does: a bf16 sum of"
+        " 128 micro-batches loses the small gradients of α and the embedding scale. bf16/fp16"
+        " must equal train.precision.",
     )
     activation_checkpointing: Recompute = Field(
         "none",
@@ -433,6 +457,9 @@ class Config(_Section):
                 " pipeline > 1, or pipeline=1 with sequence parallelism",
                 info,
             )
+        t = self.train
+        if t.precision in ("bf16", "fp16", "fp32"):
+            accum_error(t.precision, t.grad_accum_dtype, p.zero_stage)
         if p.sequence_parallel and m.seq_length % p.tensor:
             raise ValueError(
                 f"model.seq_length={m.seq_length} is not divisible by parallel.tensor={p.tensor};"

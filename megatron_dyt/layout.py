@@ -63,9 +63,28 @@ def precision(cfg: Config):
     p = cfg.train.precision
     if p == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    if p in ("bf16", "fp16") and not torch.cuda.is_available():
-        raise LayoutError(f"train.precision={p!r} needs a GPU; on CPU use 'fp32' or 'auto'")
+    if p == "fp16" and not torch.cuda.is_available():
+        raise LayoutError("train.precision='fp16' needs a GPU; on CPU use 'bf16', 'fp32' or 'auto'")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[p]
+
+
+def grad_accum_dtype(cfg: Config):
+    """The dtype gradients are summed in (`train.grad_accum_dtype`; fp32 for an fp32 run)."""
+    import torch
+
+    from megatron_dyt.config import accum_error
+
+    dtype = precision(cfg)
+    if dtype == torch.float32:
+        return dtype
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    try:  # train.precision 'auto' is resolved only now
+        accum_error(name, cfg.train.grad_accum_dtype, cfg.parallel.zero_stage)
+    except ValueError as exc:
+        raise LayoutError(str(exc)) from None
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        cfg.train.grad_accum_dtype
+    ]
 
 
 @dataclass(frozen=True)
@@ -73,8 +92,9 @@ class RunLayout:
     """Where a run's weights and optimizer state live: the parallel sizes and the optimizer kind.
 
     `optimizer` names the files the state is in: 'torch' (ZeRO-0 fp32: the AdamW state dict in
-    mp_rank_XX files), 'bf16' (ZeRO-0 bf16: DeepSpeed's bf16 optimizer, partitioned over DP),
-    'fp16' (ZeRO-0 fp16) or 'zero' (ZeRO-1/2/3 partitions).
+    mp_rank_XX files), 'bf16' (DeepSpeed's bf16 optimizer, partitioned over DP: ZeRO-0 bf16,
+    and ZeRO-1 bf16 with fp32 gradient accumulation), 'fp16' (ZeRO-0 fp16) or 'zero' (the other
+    ZeRO-1/2/3 partitions).
     """
 
     tensor: int
@@ -103,9 +123,12 @@ def optimizer_kind(cfg: Config) -> str:
     """Which optimizer files a run of `cfg` writes (see `RunLayout.optimizer`)."""
     import torch
 
-    if cfg.parallel.zero_stage:
+    dtype, stage = precision(cfg), cfg.parallel.zero_stage
+    if stage == 1 and dtype == torch.bfloat16 and grad_accum_dtype(cfg) == torch.float32:
+        return "bf16"  # DeepSpeed sums bf16 gradients in fp32 in its bf16 optimizer
+    if stage:
         return "zero"
-    return {torch.float32: "torch", torch.bfloat16: "bf16", torch.float16: "fp16"}[precision(cfg)]
+    return {torch.float32: "torch", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def run_layout(cfg: Config, world: int) -> RunLayout:

@@ -30,9 +30,10 @@ def _misaligned(kind: str, zero: int) -> dict[str, int]:
     parallel.setup(cfg.parallel)
     parallel.init_deepspeed_comm()
     layout = batch_layout(cfg, data_parallel_size(cfg.parallel, 1))
-    model = build_model(cfg)
+    ds_config = deepspeed_config(cfg, layout)
+    model = build_model(cfg, ds_config)
     init_weights(model, cfg.model, cfg.train.seed)
-    engine = initialize(model, cfg, deepspeed_config(cfg, layout), lambda s: 1.0)
+    engine = initialize(model, cfg, ds_config, lambda s: 1.0)
     out = {}
     params = list(canonical_parameters(engine.module))
     with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=zero == 3):

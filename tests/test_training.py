@@ -96,6 +96,22 @@ def test_resume_is_bit_identical(corpus, reference, tmp_path):
 
 
 @pytest.mark.distributed
+def test_bf16_run_resumes_bit_identically(corpus, tmp_path):
+    # bf16 at ZeRO-1 with fp32 gradient sums is DeepSpeed's bf16 optimizer (its own checkpoint
+    # files, `RunLayout.optimizer` 'bf16'); two data-parallel ranks reduce in fp32.
+    cfg = train_dict(corpus, precision="bf16", train_steps=4)
+    cfg["model"]["norm"]["backend"] = "torch"
+    whole = distributed.run(_train, 2, cfg, str(tmp_path / "whole"), tmp_path=tmp_path)[0]
+    run = str(tmp_path / "run")
+    first = distributed.run(_train, 2, cfg, run, 2, tmp_path=tmp_path)[0]
+    saved = sorted(p.name for p in (tmp_path / "run/checkpoints/step_0000002").iterdir())
+    assert "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt" in saved, saved
+    second = distributed.run(_train, 2, cfg, run, tmp_path=tmp_path)[0]
+    assert {**first["losses"], **second["losses"]} == whole["losses"]
+    assert whole["losses"][4] < whole["losses"][1]
+
+
+@pytest.mark.distributed
 def test_resume_across_data_parallel_sizes_sees_the_same_data(corpus, reference, tmp_path):
     # ZeRO-0: the optimizer state is not partitioned, so DeepSpeed reloads it at another DP size
     # (repartitioning ZeRO-1/2/3 state is the resharding converter's job).

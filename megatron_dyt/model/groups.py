@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
+
 from megatron_dyt.config import Config
 
 GROUPING = 2  # 1: (weight decay, lr multiplier); 2: and unaligned sizes apart
@@ -32,6 +34,12 @@ def is_trainable(name: str, cfg: Config) -> bool:
     """Whether the optimizer holds this parameter: with `learnable_alpha: false` the DyT/Derf α
     stay at α₀ and have no optimizer state."""
     return cfg.model.norm.learnable_alpha or not name.endswith(".alpha")
+
+
+def shape_of(param: torch.Tensor) -> torch.Size:
+    """A parameter's own shape, also while ZeRO-3 holds it partitioned (its `.shape` is then
+    the empty placeholder's)."""
+    return getattr(param, "ds_shape", param.shape)
 
 
 def group_key(

@@ -4,10 +4,16 @@ LLaMA practice: normal(0, std) for the embedding, QKV, gate/up and head; the att
 output projections get std/√(2·layers) when `model.init.scaled_output_init` is on; norms and the
 embedding scale take their values from their own `reset_parameters`.
 
-With `model.init.layout_invariant` each full tensor is drawn from a generator seeded by the run
-seed and the tensor's canonical name, then this rank keeps its TP slice (`model/sharding.py`):
-the same model at any TP/PP layout. Vocab-sized tensors draw only the real vocabulary rows;
-padding rows are zero.
+With `model.init.layout_invariant` a weight matrix is defined as slabs of `SLAB` rows (or, for a
+row-parallel weight, columns) along its TP-split dimension, each drawn from a generator seeded by
+the run seed, the tensor's canonical name and the slab's index. A rank draws only the slabs its
+TP slice (`model/sharding.py`) covers, straight into its parameter: the same model at any TP/PP
+layout without any rank ever holding a full tensor (a 70B model's head is 1 GiB in fp32).
+Vocab-sized tensors draw only the real vocabulary rows; padding rows are zero.
+
+Under ZeRO-3 the parameters are partitioned as they are built (`deepspeed.zero.Init`);
+`init_weights` gathers one module's parameters at a time, fills them on the group's first rank
+and lets DeepSpeed broadcast and re-partition them.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -26,6 +33,7 @@ from megatron_dyt.model.sharding import (
     full_shape,
     gather_full,
     is_vocab_tensor,
+    shard_ranges,
     split_shard,
     tp_split,
 )
@@ -58,30 +66,78 @@ def _std(name: str, m: ModelConfig) -> float:
 
 @torch.no_grad()
 def init_weights(root: nn.Module, m: ModelConfig, seed: int) -> None:
-    """Initialise every parameter below `root` in place (also after `to_empty` from meta), from
-    the run's seed (`train.seed`)."""
-    for module in root.modules():
-        if isinstance(module, (*_NORMS, EmbeddingStage)):
-            module.reset_parameters()
+    """Initialise every parameter below `root` in place (also after `to_empty` from meta, and
+    ZeRO-3-partitioned ones), from the run's seed (`train.seed`)."""
     rank, size = tp_rank(), tp_size()
-    for name, param in canonical_parameters(root):
-        if param.dim() < 2:  # norms and scalars: done by reset_parameters above
-            continue
-        std = _std(name, m)
-        if m.init.layout_invariant:
-            shape = full_shape(name, param.shape, size)
-            rows = shape[0]
-            if is_vocab_tensor(name):
-                shape[0] = m.vocab_size
-            gen = torch.Generator().manual_seed(_seed_for(seed, name))
-            full = torch.empty(shape).normal_(0.0, std, generator=gen)
-            if rows > shape[0]:
-                full = torch.cat([full, full.new_zeros(rows - shape[0], *shape[1:])])
-            split = tp_split(name)
-            param.copy_(full if split is None else split_shard(full, split, rank, size))
-        else:
-            gen = torch.Generator(device=param.device).manual_seed(_seed_for(seed, name, rank))
-            param.normal_(0.0, std, generator=gen)
+    for prefix, unit in _units(root):
+        with _writable(unit):
+            for module in unit.modules():
+                if isinstance(module, (*_NORMS, EmbeddingStage)):
+                    module.reset_parameters()
+            for local, param in unit.named_parameters():
+                if param.dim() < 2:  # norms and scalars: done by reset_parameters above
+                    continue
+                name, std = prefix + local, _std(prefix + local, m)
+                if m.init.layout_invariant:
+                    _draw_shard(param, name, std, seed, m.vocab_size, rank, size)
+                else:
+                    gen = torch.Generator(device=param.device)
+                    param.normal_(0.0, std, generator=gen.manual_seed(_seed_for(seed, name, rank)))
+
+
+def _units(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(canonical prefix, module) of the embedding, each block and the output stage."""
+    for module in root.modules():
+        prefix = getattr(module, "canonical_prefix", None)
+        if prefix is not None:
+            yield prefix, module
+
+
+@contextmanager
+def _writable(unit: nn.Module) -> Iterator[None]:
+    """A unit's parameters whole for writing: ZeRO-3 ones are gathered, and on leaving, the
+    data-parallel group's first rank's values are broadcast and partitioned again (every rank
+    draws the same values, so which rank does not matter)."""
+    partitioned = [p for p in unit.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+        yield
+
+
+SLAB = 128  # rows (columns) per seeded slab: part of what a seed means, do not change lightly
+
+
+def _draw_shard(
+    param: torch.Tensor, name: str, std: float, seed: int, vocab: int, rank: int, size: int
+) -> None:
+    """Fill this rank's TP slice of weight matrix `name` with its slabs' normal(0, std) values."""
+    if param.dim() != 2:
+        raise AssertionError(f"'{name}' is {param.dim()}-D; the slab init draws matrices only")
+    split = tp_split(name)
+    dim = split.dim if split is not None else 0
+    length = full_shape(name, param.shape, size)[dim]
+    real = vocab if is_vocab_tensor(name) else length  # rows past the vocabulary stay zero
+    ranges = shard_ranges(length, split, rank, size) if split is not None else [(0, length)]
+    width = param.shape[1 - dim]
+    offset = 0
+    for start, stop in ranges:
+        local = param.narrow(dim, offset, stop - start)
+        offset += stop - start
+        if stop > real:
+            local.narrow(dim, max(real, start) - start, stop - max(real, start)).zero_()
+        for slab in range(start // SLAB, math.ceil(min(stop, real) / SLAB)):
+            first, last = slab * SLAB, min((slab + 1) * SLAB, real)
+            gen = torch.Generator().manual_seed(_seed_for(seed, f"{name}#{slab}"))
+            values = torch.empty(last - first, width).normal_(0.0, std, generator=gen)
+            lo, hi = max(first, start), min(last, stop)
+            if lo >= hi:
+                continue
+            piece = values[lo - first : hi - first]
+            local.narrow(dim, lo - start, hi - lo).copy_(piece if dim == 0 else piece.t())
 
 
 @torch.no_grad()

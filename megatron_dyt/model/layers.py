@@ -37,11 +37,11 @@ class BuildSpec:
         )
 
 
-def megatron_config(
-    spec: BuildSpec, params_dtype: torch.dtype = torch.float32
-) -> ModelParallelConfig:
-    # Weights are allocated on the current default device (meta, CPU or CUDA) and initialised by
+def megatron_config(spec: BuildSpec) -> ModelParallelConfig:
+    # Weights are allocated on the current default device (meta, CPU or CUDA) in the default
+    # dtype (the trainer builds under both: `training/engine.py`) and initialised by
     # `megatron_dyt.model.init`, not by megatron-core, so every layout starts from the same model.
+    params_dtype = torch.get_default_dtype()
     return ModelParallelConfig(
         tensor_model_parallel_size=spec.tensor,
         pipeline_model_parallel_size=spec.pipeline,

@@ -88,6 +88,19 @@ def split_shard(full: torch.Tensor, split: TPSplit, rank: int, size: int) -> tor
     return torch.cat(pieces[rank::size], dim=dim)
 
 
+def shard_ranges(length: int, split: TPSplit, rank: int, size: int) -> list[tuple[int, int]]:
+    """The [start, stop) ranges along `split.dim` of a full tensor of that `length` which make up
+    rank `rank`'s slice, in the order `split_shard` concatenates them."""
+    if length % (split.stride * size):
+        raise ValueError(
+            f"dimension {split.dim} of size {length} cannot be split into"
+            f" {split.stride} × {size} parts"
+        )
+    block = length // split.stride
+    piece = block // size
+    return [(b * block + rank * piece, b * block + (rank + 1) * piece) for b in range(split.stride)]
+
+
 def merge_shards(shards: list[torch.Tensor], split: TPSplit) -> torch.Tensor:
     """Inverse of `split_shard`: the full tensor from every rank's slice, in rank order."""
     per_rank = [torch.chunk(s, split.stride, dim=split.dim) for s in shards]

@@ -6,6 +6,8 @@ PipelineModule builds its layers in its constructor) → weights → `deepspeed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -13,11 +15,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_dyt.config import Config
-from megatron_dyt.layout import BatchLayout, data_parallel_size, precision
+from megatron_dyt.layout import BatchLayout, data_parallel_size, grad_accum_dtype, precision
+
+_DS_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def deepspeed_config(cfg: Config, layout: BatchLayout) -> dict[str, Any]:
-    dtype = precision(cfg)
+    dtype, accum = precision(cfg), _DS_DTYPE[grad_accum_dtype(cfg)]
     zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
     if cfg.parallel.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = cfg.parallel.zero3_param_persistence_threshold
@@ -30,6 +34,10 @@ def deepspeed_config(cfg: Config, layout: BatchLayout) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": dtype == torch.bfloat16},
         "fp16": {"enabled": dtype == torch.float16, "initial_scale_power": 16},
+        # Summed over micro-batches and over data-parallel ranks in the same dtype (Megatron
+        # does both in fp32 for bf16; DeepSpeed would reduce in bf16 by default).
+        "data_types": {"grad_accum_dtype": accum},
+        "communication_data_type": accum,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
         "dump_state": False,
@@ -57,8 +65,50 @@ class MegatronMPU:
     get_pipeline_model_parallel_group = staticmethod(ps.get_pipeline_model_parallel_group)
 
 
-def build_model(cfg: Config) -> torch.nn.Module:
-    """The model for this rank: `LlamaModel`, or this stage of a `PipelineModule`."""
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(cfg: Config, ds_config: dict[str, Any] | None = None) -> torch.nn.Module:
+    """The model for this rank (`LlamaModel`, or this stage of a `PipelineModule`), its weights
+    not yet initialised (`model.init.init_weights`).
+
+    Host memory stays small at any size: the weights are allocated in the training dtype
+    (DeepSpeed would cast them to it anyway), on CUDA on this rank's GPU (no copy of the stage on
+    the host), and under ZeRO-3 inside `deepspeed.zero.Init`, so each parameter is partitioned
+    over the data-parallel group as soon as its module is built. `ds_config` is the run's DeepSpeed config
+    (needed for ZeRO-3).
+    """
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    )
+    zero3 = cfg.parallel.zero_stage == 3
+    if zero3 and ds_config is None:
+        raise AssertionError("build_model needs the DeepSpeed config under ZeRO-3")
+    with ExitStack() as stack:
+        if device is not None:
+            stack.enter_context(torch.device(device))
+        stack.enter_context(_default_dtype(precision(cfg)))
+        if zero3:
+            import deepspeed
+
+            stack.enter_context(
+                deepspeed.zero.Init(
+                    data_parallel_group=ps.get_data_parallel_group(),
+                    config_dict_or_path=ds_config,
+                    mem_efficient_linear=False,
+                )
+            )
+        return _build(cfg)
+
+
+def _build(cfg: Config) -> torch.nn.Module:
     from megatron_dyt.model import LlamaModel, pipeline_module
 
     if cfg.parallel.pipeline == 1:

@@ -7,7 +7,7 @@ from torch import nn
 
 from megatron_dyt.config import Config
 from megatron_dyt.model import canonical_parameters
-from megatron_dyt.model.groups import group_key
+from megatron_dyt.model.groups import group_key, shape_of
 
 
 def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
@@ -19,7 +19,7 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
     for name, param in canonical_parameters(model):
         if not param.requires_grad:
             continue
-        key = group_key(name, param.shape, cfg)
+        key = group_key(name, shape_of(param), cfg)
         groups.setdefault(key, []).append(param)
         names.setdefault(key, []).append(name)
     return [

@@ -141,7 +141,7 @@ def _optimizer_groups_changed(cfg: Config, folder: Path, model: torch.nn.Module)
     """Whether a checkpoint's optimizer groups differ from the ones this rank's `model` trains
     in: a checkpoint of an older grouping, and tensors that are now kept apart."""
     from megatron_dyt.model import canonical_parameters
-    from megatron_dyt.model.groups import group_key
+    from megatron_dyt.model.groups import group_key, shape_of
 
     if checkpoint.is_universal(folder):
         return False  # no optimizer groups in it: loaded tensor by tensor
@@ -150,7 +150,7 @@ def _optimizer_groups_changed(cfg: Config, folder: Path, model: torch.nn.Module)
     if checkpoint.saved_grouping(folder) == GROUPING:
         return False
     return any(
-        group_key(name, p.shape, cfg)[2]
+        group_key(name, shape_of(p), cfg)[2]
         for name, p in canonical_parameters(model)
         if p.requires_grad
     )
@@ -374,7 +374,7 @@ class Trainer:
         dist.barrier()
 
         torch.manual_seed(cfg.train.seed)
-        self.model = build_model(cfg)
+        self.model = build_model(cfg, ds_config)
         init_weights(self.model, cfg.model, cfg.train.seed)
         if self.resume_tag is not None and not self.resharded:
             folder = self.ckpt_root / self.resume_tag
@@ -644,7 +644,7 @@ def _zero_shot(module: torch.nn.Module, cfg: Config, tokenizer, tasks: list[str]
 def _count_parameters(model: torch.nn.Module) -> int:
     """Parameters of the whole model (all TP shards, all pipeline stages)."""
     local = sum(
-        p.numel()
+        getattr(p, "ds_numel", p.numel())  # ZeRO-3: the whole parameter, not the placeholder
         for p in model.parameters()
         if parallel.is_sharded(p) or ps.get_tensor_model_parallel_rank() == 0
     )
