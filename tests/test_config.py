@@ -211,6 +211,14 @@ BAD = [
         ["parallel.sequence_parallel=true", "parallel.tensor=8", "model.seq_length=4100"],
         "model.seq_length=4100 is not divisible by parallel.tensor=8",
     ),
+    (
+        ["train.precision=bf16", "parallel.zero_stage=0"],
+        "train.grad_accum_dtype='fp32' with train.precision='bf16' needs parallel.zero_stage >= 1",
+    ),
+    (
+        ["train.precision=bf16", "train.grad_accum_dtype=fp16"],
+        "gradients are summed in fp32 or in the training dtype ('fp32' or 'bf16')",
+    ),
     (["model.norm.eps=.nan"], "model.norm.eps=nan: Input should be a finite number"),
     (["model.norm.derf_shift=.inf"], "model.norm.derf_shift=inf: Input should be a finite"),
     (["train.lr=inf"], "train.lr='inf': Input should be a finite number"),
