@@ -266,7 +266,16 @@ class TrainConfig(_Section):
         " (whole blocks), to save memory.",
     )
     log_interval: int = Field(
-        1, ge=1, description="Steps between metrics.jsonl and TensorBoard records."
+        1,
+        ge=1,
+        description="Steps between the loss, lr and throughput records of metrics.jsonl and"
+        " TensorBoard (the norm statistics: stats_interval).",
+    )
+    stats_interval: int = Field(
+        100,
+        ge=1,
+        description="Steps between the norm statistics (per norm layer: α, input std, saturated"
+        " fraction |α·x| > 2), and at the last step; each costs one all_reduce.",
     )
     save_interval: int = Field(
         1000, ge=0, description="Steps between checkpoints (0: only at the end)."

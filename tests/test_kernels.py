@@ -596,8 +596,9 @@ def test_float64_takes_the_reference(spy):
 
 @pytest.mark.interpreter
 def test_hooked_norm_sees_its_input_unfused(spy):
-    # Forward hooks (the trainer's norm statistics, ZeRO-3's parameter fetch) must see h = x + r,
-    # so a hooked norm adds in torch and runs its (kernel) forward through __call__.
+    # Forward hooks (ZeRO-3's parameter fetch, a user's hook) must see h = x + r, so a hooked
+    # norm adds in torch and runs its (kernel) forward through __call__. The trainer's norm
+    # statistics use no hooks (tests/test_norm_stats.py).
     s = spy(interpret=True)
     norm = build_norm("mlp", 64, _cfg("dyt", "triton")).to(DEVICE)
     seen = []
