@@ -208,7 +208,7 @@ def _train_counting_fused_calls(cfg_dict: dict, run_dir: str) -> dict:
     return {**_train(cfg_dict, run_dir), "fused_calls": per_step}
 
 
-@pytest.mark.interpreter
+@pytest.mark.slow  # trains (one spawned rank), with the kernels through the interpreter on CPU
 def test_training_keeps_the_fused_kernel_on_and_records_at_the_stats_interval(corpus, tmp_path):
     ops = pytest.importorskip("megatron_dyt.kernels.ops", reason="Triton is not installed")
     if not (torch.cuda.is_available() or ops.INTERPRET):
