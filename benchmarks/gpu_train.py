@@ -77,7 +77,8 @@ def config_tree(variant: str, steps: int, cache: Path, tiny: bool) -> dict[str, 
             "train_steps": steps,
             "warmup_steps": 2,
             "lr": 3e-4,
-            "log_interval": steps,  # norm statistics once, at the end
+            "log_interval": steps,  # one metrics record, at the end
+            "stats_interval": steps,  # norm statistics once, at the end
             "save_interval": 0,  # only the final checkpoint
             "eval_interval": 0,
             "activation_checkpointing": v.get("ac", "none"),

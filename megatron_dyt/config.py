@@ -275,7 +275,9 @@ class TrainConfig(_Section):
         1.0, ge=0, description="Clip the global gradient norm to this (0: no clipping)."
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="Training precision; auto: bf16 on GPU, fp32 on CPU."
+        "auto",
+        description="Training precision; auto: bf16 on GPU, fp32 on CPU. fp16 only with"
+        " rmsnorm/layernorm (DyT/Derf's dα overflows it).",
     )
     grad_accum_dtype: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
@@ -290,7 +292,16 @@ class TrainConfig(_Section):
         " (whole blocks), to save memory.",
     )
     log_interval: int = Field(
-        1, ge=1, description="Steps between metrics.jsonl and TensorBoard records."
+        1,
+        ge=1,
+        description="Steps between the loss, lr and throughput records of metrics.jsonl and"
+        " TensorBoard (the norm statistics: stats_interval).",
+    )
+    stats_interval: int = Field(
+        100,
+        ge=1,
+        description="Steps between the norm statistics (per norm layer: α, input std, saturated"
+        " fraction |α·x| > 2), and at the last step; each costs one all_reduce.",
     )
     save_interval: int = Field(
         1000, ge=0, description="Steps between checkpoints (0: only at the end)."
@@ -464,6 +475,22 @@ class Config(_Section):
             raise ValueError(
                 f"model.seq_length={m.seq_length} is not divisible by parallel.tensor={p.tensor};"
                 " sequence parallelism gives every tensor-parallel rank an equal part of it"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_precision(self, info: ValidationInfo) -> Config:
+        kind = self.model.norm.kind
+        if self.train.precision == "fp16" and kind in ("dyt", "derf"):
+            # docs/design.md §7: dα (and Derf's ds) sum over every element of an activation, and
+            # DeepSpeed's fp16 parameters hold them in fp16.
+            _refuse(
+                f"train.precision='fp16' cannot be combined with model.norm.kind={kind!r}: the"
+                " gradient of α (and of Derf's shift) sums over every element of an activation,"
+                " which overflows fp16, and DeepSpeed's dynamic loss scaling then skips steps"
+                " that the trainer still counts; use train.precision bf16 or fp32 (auto: bf16 on"
+                " a GPU) with dyt/derf, or fp16 with rmsnorm/layernorm",
+                info,
             )
         return self
 

@@ -10,6 +10,11 @@ DyT and Derf have two backends (`NormConfig.backend`): `torch`, the reference be
 residual add). The kernels run on CUDA tensors, and on CPU tensors only under Triton's
 interpreter (`TRITON_INTERPRET=1`, the tests); elsewhere on CPU the reference runs, with a
 one-time `NormBackendNotice`. Float64 inputs (gradcheck) always take the reference.
+
+Statistics for the trainer (docs/design.md §1): with `record_stats` on, a norm keeps the
+statistics of the first input it sees (`stats`, one fp32 tensor on the input's device, in the
+order of its `STATS`). The norm computes them itself, from what it normalizes (for the fused
+residual path, the h the kernel returns), so no hook is needed and the fused kernels stay on.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_dyt.config import NormBackend, NormConfig, NormSite
+from megatron_dyt.config import NormBackend, NormConfig, NormKind, NormSite
 from megatron_dyt.errors import UsageError
 
 
@@ -79,7 +84,8 @@ def _cpu_notice() -> None:
 
 
 def _has_forward_hooks(module: nn.Module) -> bool:
-    """Hooks expect to see the norm's input; ZeRO-3 fetches parameters in them too."""
+    """Hooks expect to see the norm's input (ZeRO-3 fetches parameters in them), so a hooked
+    norm takes the unfused residual path; the trainer's statistics use no hooks."""
     return bool(
         module._forward_pre_hooks
         or module._forward_hooks
@@ -93,8 +99,32 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+SATURATION = 2.0
+"""|α·x| above this counts as saturated: tanh(2) = 0.96, where tanh is flat and passes almost no
+gradient (docs/design.md §1)."""
+
+
 class _Norm(nn.Module):
-    """A norm layer that can also take the residual add in front of it."""
+    """A norm layer that can also take the residual add in front of it, and that records
+    statistics of its input when asked (`record_stats`)."""
+
+    STATS: tuple[str, ...] = ("input_std",)
+    """What `stats` holds, in order; norms with an α add it and the saturated fraction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.record_stats = False
+        self.stats: torch.Tensor | None = None
+
+    def _record(self, x: torch.Tensor) -> None:
+        """Keep the statistics of `x` while recording, once (the first micro-batch): device
+        tensors only, no host sync inside the step."""
+        if self.record_stats and self.stats is None:
+            with torch.no_grad():
+                self.stats = self._input_stats(x.detach())
+
+    def _input_stats(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().std().reshape(1)
 
     def forward_residual(
         self, x: torch.Tensor, r: torch.Tensor
@@ -123,6 +153,7 @@ class RMSNorm(_Norm):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._record(x)
         # F.rms_norm: on CUDA one fused kernel whose statistics are fp32 whatever the activation
         # dtype (as LLaMA's), saving only its input and one statistic per row for the backward,
         # where the unfused form kept fp32 copies of the whole activation.
@@ -145,6 +176,7 @@ class LayerNorm(_Norm):
         nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._record(x)
         ct = _compute_dtype(x)
         y = F.layer_norm(x.to(ct), x.shape[-1:], self.weight.to(ct), self.bias.to(ct), self.eps)
         return y.to(x.dtype)
@@ -155,6 +187,8 @@ class LayerNorm(_Norm):
 
 class DyT(_Norm):
     """Dynamic Tanh: an element-wise stand-in for a norm, `γ·f(α·x)+β` with one scalar α."""
+
+    STATS = ("alpha", "input_std", "saturated")
 
     def __init__(
         self,
@@ -186,6 +220,7 @@ class DyT(_Norm):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._record(x)
         if _use_kernels(self.backend, x):
             return _kernels.dyt(x, self.alpha, self.weight, self.bias, self.squash)
         ct = _compute_dtype(x)
@@ -199,8 +234,13 @@ class DyT(_Norm):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`h = x + r` and DyT(h); one fused kernel on the triton backend (unless hooked)."""
         if not _has_forward_hooks(self) and _use_kernels(self.backend, x):
-            return _kernels.residual_dyt(x, r, self.alpha, self.weight, self.bias, self.squash)
+            h, y = _kernels.residual_dyt(x, r, self.alpha, self.weight, self.bias, self.squash)
+            self._record(h)
+            return h, y
         return super().forward_residual(x, r)
+
+    def _input_stats(self, x: torch.Tensor) -> torch.Tensor:
+        return _alpha_stats(self.alpha, x)
 
     def extra_repr(self) -> str:
         return (
@@ -212,6 +252,8 @@ class DyT(_Norm):
 
 class Derf(_Norm):
     """Dynamic erf (Stronger Normalization-Free Transformers): `γ·erf(α·x+s)+β`."""
+
+    STATS = ("alpha", "input_std", "saturated")
 
     def __init__(
         self,
@@ -244,6 +286,7 @@ class Derf(_Norm):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._record(x)
         if _use_kernels(self.backend, x):
             return _kernels.derf(x, self.alpha, self.shift, self.weight, self.bias)
         ct = _compute_dtype(x)
@@ -264,8 +307,30 @@ class Derf(_Norm):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`h = x + r` and Derf(h); one fused kernel on the triton backend (unless hooked)."""
         if not _has_forward_hooks(self) and _use_kernels(self.backend, x):
-            return _kernels.residual_derf(x, r, self.alpha, self.shift, self.weight, self.bias)
+            h, y = _kernels.residual_derf(x, r, self.alpha, self.shift, self.weight, self.bias)
+            self._record(h)
+            return h, y
         return super().forward_residual(x, r)
+
+    def _input_stats(self, x: torch.Tensor) -> torch.Tensor:
+        return _alpha_stats(self.alpha, x)
+
+
+def _alpha_stats(alpha: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(α, std of x, fraction of |α·x| > SATURATION) as one fp32 tensor on x's device. For Derf
+    too the measure is |α·x|, without the shift, so DyT and Derf runs compare directly."""
+    xf = x.float()
+    a = alpha.detach().float().reshape(())
+    saturated = ((a * xf).abs() > SATURATION).float().mean()
+    return torch.stack([a, xf.std(), saturated])
+
+
+def stat_names(kind: NormKind) -> tuple[str, ...]:
+    """What a norm of `kind` records (its `STATS`): the same on every rank, from the config."""
+    classes = {"rmsnorm": RMSNorm, "layernorm": LayerNorm, "dyt": DyT, "derf": Derf}
+    if kind not in classes:
+        raise ValueError(f"unknown norm kind {kind!r}; allowed: {', '.join(classes)}")
+    return classes[kind].STATS
 
 
 def build_norm(site: NormSite, hidden_size: int, cfg: NormConfig) -> nn.Module:

@@ -154,6 +154,42 @@ def test_sequence_parallel_with_pipeline_is_refused_but_a_saved_run_still_reads(
         assert read_config(tmp_path).parallel.sequence_parallel
 
 
+@pytest.mark.parametrize("kind", ["dyt", "derf"])
+def test_fp16_with_dyt_or_derf_is_refused_in_one_line_but_a_saved_run_still_reads(
+    kind, tmp_path, capsys
+):
+    """dα sums over a whole activation and overflows fp16, and DeepSpeed's loss scaler would skip
+    steps the trainer counts (docs/design.md §7): refused at validation, exit 2 with the values
+    and what is allowed; fp16 stays allowed with RMSNorm/LayerNorm, and a saved run still reads."""
+    from megatron_dyt.checkpoint import read_config
+    from megatron_dyt.cli import main
+    from megatron_dyt.config import ConfigNotice
+
+    config = str(ROOT / "configs/tiny-dyt.yaml")
+    code = main(["info", config, f"model.norm.kind={kind}", "train.precision=fp16"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    header, problem = err.splitlines()  # the config error's header and one line for the problem
+    assert header == f"megatron-dyt: error: invalid config {config}:"
+    assert problem.startswith(
+        f"  train.precision='fp16' cannot be combined with model.norm.kind='{kind}': "
+    )
+    assert problem.endswith(
+        "use train.precision bf16 or fp32 (auto: bf16 on a GPU) with dyt/derf, or fp16 with"
+        " rmsnorm/layernorm"
+    )
+    for precision in ("bf16", "fp32", "auto"):
+        load_config(config, [f"model.norm.kind={kind}", f"train.precision={precision}"])
+    for other in ("rmsnorm", "layernorm"):
+        load_config(config, [f"model.norm.kind={other}", "train.precision=fp16"])
+
+    tree = load_config(config, [f"model.norm.kind={kind}"]).to_dict()
+    tree["train"]["precision"] = "fp16"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
+    with pytest.warns(ConfigNotice, match="train.precision='fp16' cannot be combined"):
+        assert read_config(tmp_path).train.precision == "fp16"
+
+
 def test_warmup_longer_than_the_run_is_a_notice_not_an_error():
     with pytest.warns(
         ScheduleWarning, match="train.warmup_steps=30 is more than train.train_steps"
@@ -218,6 +254,10 @@ BAD = [
     (
         ["train.precision=bf16", "train.grad_accum_dtype=fp16"],
         "gradients are summed in fp32 or in the training dtype ('fp32' or 'bf16')",
+    ),
+    (
+        ["train.precision=fp16"],
+        "train.precision='fp16' cannot be combined with model.norm.kind='dyt'",
     ),
     (["model.norm.eps=.nan"], "model.norm.eps=nan: Input should be a finite number"),
     (["model.norm.derf_shift=.inf"], "model.norm.derf_shift=inf: Input should be a finite"),

@@ -242,6 +242,65 @@ def test_parameters_in_half_precision_get_gradients_in_their_dtype():
         torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2)
 
 
+def _sum_in(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`values` added one after another in `dtype`: what partial sums kept in it would give."""
+    total = torch.zeros((), dtype=dtype)
+    for v in values.to(dtype):
+        total = total + v
+    return total
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kind", ["dyt", "derf"])
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # fp16's inf
+@pytest.mark.interpreter
+def test_scalar_gradients_are_summed_in_fp32(kind, dtype):
+    # dα (and Derf's ds) sum one term per element of the activation: here 128 × 1024 terms of
+    # about 1, about 1.3e5 in all, more than fp16 holds (65504). The kernel keeps its partial sums
+    # and their reduction in fp32 and rounds once, to the parameter's dtype. With fp32 parameters
+    # the result matches an fp64 sum of the same terms to 1e-5 relative, where even the 128 row
+    # totals (each exact) summed in the input dtype do not: inf in fp16, ~1e-3 off in bf16.
+    m, n = 128, 1024
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(m, n, generator=gen) + 0.5).to(DEVICE, dtype)  # 0.5 … 1.5
+    dy = (torch.rand(m, n, generator=gen) + 0.5).to(DEVICE, dtype)
+    w = torch.ones(n, device=DEVICE)
+
+    def grads(param_dtype: torch.dtype) -> list[torch.Tensor]:
+        alpha = torch.tensor([0.05], device=DEVICE, dtype=param_dtype, requires_grad=True)
+        shift = torch.tensor([0.1], device=DEVICE, dtype=param_dtype, requires_grad=True)
+        if kind == "dyt":
+            return list(torch.autograd.grad(ops.dyt(x, alpha, w.to(param_dtype)), [alpha], dy))
+        y = ops.derf(x, alpha, shift, w.to(param_dtype))
+        return list(torch.autograd.grad(y, [alpha, shift], dy))
+
+    # fp64 reference: g = dy·γ·f'(z) per element; dα = Σ g·x, ds = Σ g
+    xd, a = x.double().cpu(), torch.tensor(0.05, dtype=torch.float32).double()
+    z = a * xd + (torch.tensor(0.1, dtype=torch.float32).double() if kind == "derf" else 0)
+    slope = 1 - torch.tanh(z) ** 2 if kind == "dyt" else 2 / math.sqrt(math.pi) * torch.exp(-z * z)
+    g = dy.double().cpu() * slope
+    terms = [g * xd] if kind == "dyt" else [g * xd, g]
+
+    for got, t in zip(grads(torch.float32), terms, strict=True):
+        want = t.sum().item()
+        assert want > 1.2e5  # beyond fp16's range
+        assert got.dtype == torch.float32
+        assert abs(got.item() - want) <= 1e-5 * want
+        low = _sum_in(t.sum(dim=1), dtype).item()
+        assert not abs(low - want) <= 1e-5 * want, low  # inf fails the comparison too
+
+    # With parameters in the input dtype (DeepSpeed keeps the module in it), the final rounding
+    # is the only one: bf16 lands within half a unit in the last place (2⁻⁸ relative); fp16
+    # cannot hold the sum at all, why train.precision=fp16 is refused with DyT/Derf
+    # (docs/design.md §7).
+    for got, t in zip(grads(dtype), terms, strict=True):
+        assert got.dtype == dtype
+        if dtype == torch.float16:
+            assert torch.isinf(got).all()
+        else:
+            assert abs(got.item() - t.sum().item()) <= 2**-8 * t.sum().item()
+
+
 @pytest.mark.interpreter
 def test_frozen_alpha_and_empty_input():
     norm = DyT(64, 0.5, beta=False, learnable_alpha=False).to(DEVICE)
@@ -596,8 +655,9 @@ def test_float64_takes_the_reference(spy):
 
 @pytest.mark.interpreter
 def test_hooked_norm_sees_its_input_unfused(spy):
-    # Forward hooks (the trainer's norm statistics, ZeRO-3's parameter fetch) must see h = x + r,
-    # so a hooked norm adds in torch and runs its (kernel) forward through __call__.
+    # Forward hooks (ZeRO-3's parameter fetch, a user's hook) must see h = x + r, so a hooked
+    # norm adds in torch and runs its (kernel) forward through __call__. The trainer's norm
+    # statistics use no hooks (tests/test_norm_stats.py).
     s = spy(interpret=True)
     norm = build_norm("mlp", 64, _cfg("dyt", "triton")).to(DEVICE)
     seen = []

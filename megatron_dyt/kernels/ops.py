@@ -8,8 +8,9 @@ hardtanh, sigmoid, identity) with no shift s, Derf is f = erf with a learnable s
 - Backward: reads x (or h) and dy once, writes dx; f(α·x) is recomputed, never stored. dγ, dβ,
   dα and ds are reduced deterministically in two stages: every program owns a fixed block of rows
   of a column tile and writes its fp32 partial sums; a second small kernel sums the partials in
-  a fixed order and writes the gradients in the parameters' dtypes. The grid depends only on the shape and the GPU, so gradients are bit-identical
-  run to run.
+  a fixed order and writes the gradients in the parameters' dtypes: fp32 until that one final
+  rounding (fp16 parameters cannot hold a large dα, so the config refuses fp16 with DyT/Derf).
+  The grid depends only on the shape and the GPU, so gradients are bit-identical run to run.
 - Inputs bf16 / fp16 / fp32, math in fp32, outputs in the input dtype; parameters may be any
   float dtype and their gradients come back in it.
 

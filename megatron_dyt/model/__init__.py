@@ -14,6 +14,7 @@ from megatron_dyt.model.llama import (
     TransformerBlock,
     layer_specs,
     lm_loss,
+    norm_names,
     pipeline_module,
     stage_module,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "lm_loss",
     "load_full_state_dict",
     "load_local_state_dict",
+    "norm_names",
     "pipeline_module",
     "stage_layers",
     "stage_module",

@@ -130,6 +130,16 @@ def lm_loss(
     return (losses * mask).sum() / mask.sum().clamp_min(1)
 
 
+def norm_names(m: ModelConfig) -> list[str]:
+    """The canonical name of every norm of the whole model, in model order: the attributes of
+    `TransformerBlock` and `OutputStage` under their prefixes. The same list on every rank at any
+    layout (a pipeline stage holds some of them), so ranks can index the norms alike."""
+    blocks = [
+        f"layers.{i}.{a}" for i in range(m.num_layers) for a in ("attention_norm", "mlp_norm")
+    ]
+    return [*blocks, "output.norm"]
+
+
 def layer_specs(cfg: Config) -> list[tuple[type[nn.Module], tuple[Any, ...]]]:
     """The model as (class, args) pairs, one per pipeline layer (`model/sharding.py`), ready to
     wrap in DeepSpeed `LayerSpec`s."""

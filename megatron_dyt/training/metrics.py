@@ -2,7 +2,8 @@
 
 DyT's behaviour is made visible, not just trained (docs/design.md §1): per norm layer, its α, the
 std of its input (the paper: learned α tracks 1/std) and the fraction of inputs in tanh's flat
-tails, |α·x| > 2 (tanh(2) = 0.96), where the gradient through the squash is nearly zero.
+tails, |α·x| > 2 (tanh(2) = 0.96), where the gradient through the squash is nearly zero; every
+`train.stats_interval` steps and at the last step, at the cost of one all_reduce.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,9 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_dyt.config import Config
-from megatron_dyt.norms import Derf, DyT, LayerNorm, RMSNorm
+from megatron_dyt.model import norm_names
+from megatron_dyt.norms import Derf, DyT, LayerNorm, RMSNorm, stat_names
 
-SATURATION = 2.0
 # Dense bf16 peak per GPU in TFLOP/s, for MFU; `train.peak_tflops` overrides.
 PEAK_TFLOPS = {
     "H100": 989.4,
@@ -51,58 +53,73 @@ def flops_per_token(cfg: Config, parameters: int) -> float:
 
 
 class NormStats:
-    """Forward pre-hooks on every norm that record α, input std and the saturated fraction."""
+    """α, input std and saturated fraction per DyT/Derf layer (input std only for RMSNorm and
+    LayerNorm), every `train.stats_interval` steps, in one collective.
 
-    def __init__(self, model: nn.Module):
-        self.norms: dict[str, nn.Module] = {}
+    The norms record their own statistics while `recording()` is on (`megatron_dyt/norms.py`):
+    device tensors of the first micro-batch, no hooks, so the fused residual kernels keep running,
+    and no host sync inside the step. `gather()` then fills a table with a row per norm of the
+    whole model (`norm_names`, the same on every rank) and a count, sums it over all ranks in one
+    all_reduce and divides.
+
+    So a recorded value is the mean, over every rank that holds the norm, of that rank's
+    statistic on its first micro-batch of the step: over the data-parallel ranks (different
+    samples) and the tensor-parallel ranks (copies of the norm that see the same activation, or
+    under sequence parallelism each its own part of the sequence); pipeline stages hold different
+    norms, each averaged over the ranks of its own stage. The input std is therefore a mean of
+    per-rank stds, not the std of all their inputs together; α is the same on every rank.
+    """
+
+    def __init__(self, model: nn.Module, cfg: Config, device: torch.device):
+        self.names = norm_names(cfg.model)
+        self.fields = stat_names(cfg.model.norm.kind)
+        self.device = device
+        index = {name: i for i, name in enumerate(self.names)}
+        self.local: dict[int, nn.Module] = {}  # row of the table -> this rank's norm
         for module in model.modules():
             prefix = getattr(module, "canonical_prefix", None)
             if prefix is None:
                 continue
             for name, sub in module.named_modules():
                 if isinstance(sub, (DyT, Derf, RMSNorm, LayerNorm)):
-                    self.norms[(prefix + name).rstrip(".")] = sub
-        self.values: dict[str, float] = {}
+                    full = (prefix + name).rstrip(".")
+                    if full not in index:
+                        raise AssertionError(f"norm {full!r} is not in norm_names: {self.names}")
+                    self.local[index[full]] = sub
 
     @contextmanager
-    def recording(self):
-        handles = [n.register_forward_pre_hook(self._hook(name)) for name, n in self.norms.items()]
-        self.values = {}
+    def recording(self) -> Iterator[None]:
+        """The norms keep the statistics of their first input (micro-batch) inside this block."""
+        for norm in self.local.values():
+            norm.stats = None
+            norm.record_stats = True
         try:
             yield
         finally:
-            for h in handles:
-                h.remove()
-
-    def _hook(self, name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            if name + "/input_std" in self.values:  # first micro-batch only
-                return
-            x = args[0].detach().float()
-            self.values[name + "/input_std"] = x.std().item()
-            alpha = getattr(module, "alpha", None)
-            if alpha is not None and alpha.numel() == 1:
-                a = alpha.detach().float()
-                self.values[name + "/alpha"] = a.item()
-                self.values[name + "/saturated"] = (
-                    ((a * x).abs() > SATURATION).float().mean().item()
-                )
-
-        return hook
+            for norm in self.local.values():
+                norm.record_stats = False
 
     def gather(self) -> dict[str, float]:
-        """Every stage's values on every rank (pipeline stages hold different norms)."""
-        parts: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
-        dist.all_gather_object(parts, self.values)
-        merged: dict[str, float] = {}
-        for p in parts:
-            merged.update(p)
-        return dict(sorted(merged.items(), key=lambda kv: _layer_sort_key(kv[0])))
-
-
-def _layer_sort_key(name: str) -> tuple:
-    parts = name.split(".")
-    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)
+        """Every norm's statistics on every rank, `{'layers.0.attention_norm/alpha': …}` in model
+        order; a collective (one all_reduce), so every rank calls it on the same steps."""
+        width = len(self.fields)
+        table = torch.zeros(len(self.names), width + 1, device=self.device)
+        rows = [i for i, norm in self.local.items() if norm.stats is not None]
+        if rows:
+            values = torch.stack([self.local[i].stats.to(self.device) for i in rows])
+            ones = torch.ones(len(rows), 1, device=self.device)
+            index = torch.tensor(rows, device=self.device)
+            table.index_copy_(0, index, torch.cat([values, ones], dim=1))
+        for norm in self.local.values():
+            norm.stats = None
+        dist.all_reduce(table)
+        out: dict[str, float] = {}
+        for name, row in zip(self.names, table.tolist(), strict=True):  # one copy to the host
+            count = row[width]
+            if count > 0:
+                for field, value in zip(self.fields, row, strict=False):
+                    out[f"{name}/{field}"] = value / count
+        return out
 
 
 class MetricsWriter:

@@ -434,7 +434,8 @@ class Trainer:
             print(f"resuming from {folder} (step {self.position.step}){how}", flush=True)
 
     def train_step(self, record_stats: bool) -> tuple[float, float, float]:
-        """One optimizer step on the next data batch: (loss, lr it used, seconds)."""
+        """One optimizer step on the next data batch: (loss, lr it used, seconds); with
+        `record_stats` the norms keep statistics of their first micro-batch (`NormStats`)."""
         lr = _scheduled_lr(self.engine)  # the scheduler moves on after the step
         t0 = time.perf_counter()
         with self.stats.recording() if record_stats else nullcontext():
@@ -476,9 +477,18 @@ class Trainer:
         if self.bar is not None:
             self.bar.n = loaded.step
 
-    def log(self, result: TrainResult, loss: float, lr: float, seconds: float, full: bool) -> None:
-        """Metrics of the step just taken (`full`: with the norm statistics), the validation
-        loss and zero-shot scores when due, and the progress bar."""
+    def log(
+        self,
+        result: TrainResult,
+        loss: float,
+        lr: float,
+        seconds: float,
+        full: bool,
+        stats: bool,
+    ) -> None:
+        """Metrics of the step just taken (`full`: a `train.log_interval` step; `stats`: with the
+        norm statistics, a collective), the validation loss and zero-shot scores when due, and the
+        progress bar. A step with any of them is written whole."""
         cfg, step = self.cfg, self.position.step
         grad_norm = _grad_norm(self.engine)
         tps = self.tokens_per_step / seconds
@@ -493,7 +503,7 @@ class Trainer:
             "mfu": tflops / self.peak if self.peak else None,
             "consumed_samples": self.position.cursor * self.layout.global_batch,
         }
-        if full:
+        if stats:
             record.update({f"norm/{k}": v for k, v in self.stats.gather().items()})
         last = step == self.total_steps
         if self.valid is not None and (step % cfg.train.eval_interval == 0 or last):
@@ -504,7 +514,7 @@ class Trainer:
         if self.zero_shot_tasks and (step % cfg.eval.every_n_steps == 0 or last):
             tasks = self.zero_shot_tasks
             record.update(_zero_shot(self.engine.module, cfg, self.tokenizer, tasks))
-        if full or "valid_loss" in record:
+        if full or stats or "valid_loss" in record:
             self.writer.write(step, record)
         if self.bar is not None:
             self.bar.set_postfix(
@@ -545,17 +555,18 @@ class Trainer:
         cfg, total = self.cfg, self.total_steps
         self.resume()
         result = TrainResult(self.run_dir, start_step=self.position.step, step=self.position.step)
-        self.stats = NormStats(self.model)
+        self.stats = NormStats(self.model, cfg, _device())
         self.writer = MetricsWriter(self.run_dir, cfg, enabled=self.is_rank0)
         self.stop = _StopFlag()
         self.bar = _progress_bar(self.is_rank0 and self.progress, self.position.step, total)
         last_saved, steps_this_run = self.position.step, 0
         try:
             while self.position.step < total:
-                full_log = (self.position.step + 1) % cfg.train.log_interval == 0 or (
-                    self.position.step + 1 == total
-                )
-                loss, lr, seconds = self.train_step(record_stats=full_log)
+                upcoming = self.position.step + 1  # the step about to be taken
+                last = upcoming == total
+                full_log = upcoming % cfg.train.log_interval == 0 or last
+                record_stats = upcoming % cfg.train.stats_interval == 0 or last
+                loss, lr, seconds = self.train_step(record_stats)
                 if not math.isfinite(loss):
                     self.rewind(loss, result)
                     continue
@@ -563,7 +574,7 @@ class Trainer:
                 self.position.cursor += 1
                 steps_this_run += 1
                 result.losses[self.position.step] = loss
-                self.log(result, loss, lr, seconds, full_log)
+                self.log(result, loss, lr, seconds, full_log, record_stats)
                 if self.stop.agreed():
                     result.stopped_by_signal = True
                     result.checkpoint, last_saved = self.save(), self.position.step
