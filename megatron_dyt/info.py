@@ -298,6 +298,8 @@ def gpu_memory_gib(override: float | None = None) -> tuple[float, str]:
     """(GiB, where the figure comes from): `override`, else this machine's GPU, else the
     default."""
     if override is not None:
+        if not 0 < override < math.inf:
+            raise ValueError(f"gpu_memory={override!r}: expected a positive number of GiB")
         return override, "--gpu-memory"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())

@@ -248,3 +248,9 @@ def test_a_config_that_does_not_fit_names_the_setting_that_does(capsys):
     # a GPU too small for anything a single setting can do
     assert main(["info", preset, "--gpu-memory", "16"]) == 0
     assert "no single setting" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:  # argparse: usage and one line, status 2
+        main(["info", preset, "--gpu-memory", "0"])
+    assert exit_.value.code == 2
+    assert "argument --gpu-memory: '0': expected a positive number" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="gpu_memory=-1: expected a positive number of GiB"):
+        summarize(load_config(preset), gpu_memory=-1)
