@@ -56,12 +56,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
 DEMO_VOCAB = 4096  # the corpus' tokenizer; the model's vocabulary is bigger, which is allowed
 
 
-def config_tree(variant: str, steps: int, cache: Path, tiny: bool) -> dict[str, Any]:
+def demo_data(cache: Path) -> dict[str, Any]:
+    """The `data` section: the demo corpus and its tokenizer, built in `cache` once."""
     from megatron_dyt.data import ensure_demo_data
 
+    demo = ensure_demo_data(cache, DEMO_VOCAB, progress=False)
+    return {"tokenizer": str(demo.tokenizer_path), "paths": [str(demo.data_prefix)]}
+
+
+def config_tree(variant: str, steps: int, data: dict[str, Any], tiny: bool) -> dict[str, Any]:
+    """The run's config; `data` is its data section (tests estimate memory with a stand-in)."""
     v = VARIANTS[variant]
     shape = SHAPES["tiny" if tiny else "1b"]
-    demo = ensure_demo_data(cache, DEMO_VOCAB, progress=False)
     micro = 4
     return {
         "model": {
@@ -84,7 +90,7 @@ def config_tree(variant: str, steps: int, cache: Path, tiny: bool) -> dict[str, 
             "activation_checkpointing": v.get("ac", "none"),
             "precision": "fp32" if tiny else "bf16",
         },
-        "data": {"tokenizer": str(demo.tokenizer_path), "paths": [str(demo.data_prefix)]},
+        "data": data,
     }
 
 
@@ -96,7 +102,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from megatron_dyt.info import summarize
     from megatron_dyt.training import trainer
 
-    cfg = config_from_dict(config_tree(args.variant, args.steps, Path(args.cache), args.tiny))
+    cache = Path(args.cache)
+    cfg = config_from_dict(config_tree(args.variant, args.steps, demo_data(cache), args.tiny))
     step_s: list[float] = []
     save_s: list[float] = []
     real_step, real_save = trainer._train_step, checkpoint.save
@@ -118,7 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trainer._train_step, checkpoint.save = timed_step, timed_save
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    run_dir = Path(args.cache) / "runs" / args.variant
+    run_dir = cache / "runs" / args.variant
     t0 = time.perf_counter()
     result = trainer.train(cfg, run_dir, progress=False)
     total = time.perf_counter() - t0
@@ -139,10 +146,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ms_per_step": ms,
         "tokens_per_s": tokens / (ms / 1e3) if ms else None,
         "first_step_s": step_s[0] if step_s else None,
+        # the measured peak next to `info`'s estimate of it (docs/design.md §11): allocated
+        # tensors, what the estimate counts, and what the caching allocator reserved
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30
         if torch.cuda.is_available()
         else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30
+        if torch.cuda.is_available()
+        else None,
         "info_estimate_gib": info["memory_per_gpu_gib"],
+        "info_estimate_total_gib": info["memory_per_gpu_gib"]["total"],
+        "info_version": info["version"],
         "parameters": info["parameters"],
         "losses": {str(k): v for k, v in sorted(result.losses.items())},
         "checkpoint_s": save_s[-1] if save_s else None,
@@ -198,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     row = run(args)
     merge_row(Path(args.json), row)
-    keys = ("variant", "ms_per_step", "tokens_per_s", "peak_gib", "info_estimate_gib")
+    keys = ("variant", "ms_per_step", "tokens_per_s", "peak_gib", "info_estimate_total_gib")
     print(json.dumps({k: row[k] for k in keys}))
     print(f"losses: {list(row['losses'].values())[:3]} ... {list(row['losses'].values())[-3:]}")
     print(f"checkpoint: {row['checkpoint_gb']:.2f} GB in {row['checkpoint_s']:.1f} s")

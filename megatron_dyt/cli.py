@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from megatron_dyt import __version__
-from megatron_dyt.arguments import positive_int
+from megatron_dyt.arguments import positive_float, positive_int
 from megatron_dyt.errors import MegatronDyTError, UsageError
 
 
@@ -30,7 +30,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from megatron_dyt.info import format_summary, summarize
 
     cfg = load_config(args.config, args.overrides)
-    info = summarize(cfg, gpus=args.gpus)
+    info = summarize(cfg, gpus=args.gpus, gpu_memory=args.gpu_memory)
     if args.build:
         info["smoke_test"] = _smoke_test(cfg, info["parameters"])
     if args.json:
@@ -171,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=None,
         help="GPUs in the job (default: 8 if the layout fits, else TP×PP)",
+    )
+    info.add_argument(
+        "--gpu-memory",
+        type=positive_float,
+        default=None,
+        metavar="GIB",
+        help="memory of one GPU in GiB, for the fit check (default: this machine's GPU, else 80)",
     )
     info.add_argument(
         "--build",
