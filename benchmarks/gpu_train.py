@@ -140,6 +140,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "norm": cfg.model.norm.kind,
         "backend": cfg.model.norm.backend,
         "zero_stage": cfg.parallel.zero_stage,
+        "grad_accum_dtype": cfg.train.grad_accum_dtype,
         "activation_checkpointing": cfg.train.activation_checkpointing,
         "steps": len(step_s),
         "timed_steps": len(timed),

@@ -268,22 +268,33 @@ def memory_estimate(
     # Adam's m and v in fp32, and an fp32 master copy where there is one: in mixed precision,
     # and under ZeRO always (it clones its partition even when training in fp32).
     o_bytes = 8 if fp32 and zero == 0 else 12
+    # bf16/fp16 gradients summed in fp32 (train.grad_accum_dtype, docs/design.md §3)
+    accum32 = not fp32 and cfg.train.grad_accum_dtype == "fp32"
     micro_batches = micro_batches_per_step(cfg, dp)
     rope = rope_table_bytes(cfg) * (cfg.model.num_layers // cfg.parallel.pipeline)
     best: tuple[MemoryEstimate, int] | None = None
     for stage, n in enumerate(stage_params):
         activations, logits = _activation_bytes(cfg, stage, micro_batches)
         bucket, persistent, step = _deepspeed_buffers(cfg, n, dp, block_params)
+        gradients, held = n * g_bytes / (dp if zero >= 2 else 1), micro_batches > 1
+        if accum32 and zero == 1:
+            # DeepSpeed's bf16 optimizer: the bf16 gradients (zeroed, never freed) and a
+            # full-size fp32 buffer they are added into after every micro-batch; its step
+            # reads the fp32 partition in place, AdamW adds one temporary of it.
+            gradients, held, step = n * (g_bytes + 4), True, 4 * n / dp
+        elif accum32 and zero >= 2:
+            # the partition of the gradients is summed in fp32 and stepped in place
+            gradients, held, step = n * 4 / dp, True, 4 * n / dp
         est = MemoryEstimate(
             weights=n * w_bytes / (dp if zero >= 3 else 1),
-            gradients=n * g_bytes / (dp if zero >= 2 else 1),
+            gradients=gradients,
             optimizer=n * o_bytes / (dp if zero >= 1 else 1),
             activations=activations,
             logits=logits,
             reduce_bucket=bucket,
             persistent_buffers=persistent + rope,
             step_buffers=step,
-            gradients_held=micro_batches > 1,
+            gradients_held=held,
         )
         if best is None or est.total > best[0].total:
             best = (est, stage)
@@ -500,7 +511,9 @@ def summarize(
         ),
         "memory_per_gpu_gib": mem.as_gib(),
         "memory_assumptions": {
-            "precision": "fp32" if cfg.train.precision == "fp32" else "bf16 mixed (2+2+12 B/param)",
+            "precision": "fp32"
+            if cfg.train.precision == "fp32"
+            else f"bf16 mixed (2+2+12 B/param), gradients summed in {cfg.train.grad_accum_dtype}",
             "micro_batch_size": cfg.train.micro_batch_size,
             "activation_checkpointing": cfg.train.activation_checkpointing,
             "micro_batches_per_step": round(micro_batches, 3),
