@@ -291,6 +291,12 @@ class TrainConfig(_Section):
         description="Recompute activations in backward: selective (the attention core) or full"
         " (whole blocks), to save memory.",
     )
+    compile: Literal["auto", "blocks", "none"] = Field(
+        "auto",
+        description="torch.compile each transformer block (fullgraph, Inductor) inside the"
+        " DeepSpeed engine: blocks: always; none: never; auto: on CUDA only (on CPU a short run"
+        " would spend longer compiling than it saves).",
+    )
     log_interval: int = Field(
         1,
         ge=1,

@@ -67,7 +67,8 @@ def _use_kernels(backend: NormBackend, x: torch.Tensor) -> bool:
         return False
     if _kernels is not None and _kernels.INTERPRET:
         return True
-    _cpu_notice()
+    if not torch.compiler.is_compiling():  # a warning in a compiled block is a graph break;
+        _cpu_notice()  # the final norm, never compiled, runs on the same backend and shows it
     return False
 
 

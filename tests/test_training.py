@@ -295,7 +295,7 @@ def _train_with_nan(cfg_dict: dict, run_dir: str, bad_batch: int) -> dict:
         loss = real_step(engine, batches, pipeline)
         if seen["batch"] == bad_batch and not seen["fired"]:
             seen["fired"] = True
-            return float("nan")
+            return torch.full_like(loss, float("nan"))
         return loss
 
     trainer.StepBatches.for_step, trainer._train_step = for_step, train_step
@@ -344,3 +344,76 @@ def test_blend_outlasts_skipped_batches_and_the_logged_lr_is_the_schedule(corpus
     assert sorted(lrs) == list(range(1, STEPS + 1))
     for step, lr in lrs.items():
         assert lr == pytest.approx(2e-2 * lr_factor(step - 1, 2, STEPS, 0.1), rel=1e-12), step
+
+
+@pytest.mark.slow
+def test_log_lines_where_no_terminal_reads(corpus, tmp_path):
+    # stdout is a pipe, as in a SLURM log: a plain line per train.log_interval steps, no bar
+    cfg = train_dict(corpus, log_interval=2, train_steps=4)
+    config = tmp_path / "cfg.yaml"
+    config.write_text(config_from_dict(cfg).to_yaml())
+    cmd = [sys.executable, "-m", "megatron_dyt", "train", str(config), "--run-dir"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*cmd, str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("step ")]
+    assert [x.split(" | ")[0] for x in lines] == ["step 2/4", "step 4/4"]
+    fields = [f.split(" ")[0] for f in lines[0].split(" | ")]
+    assert fields == [
+        "step",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens/s",
+        "TFLOP/s/GPU",
+        "MFU",
+        "peak_rss",
+        "left",
+    ]
+    assert lines[-1].endswith("left 0:00:00")
+    assert "it/s" not in proc.stderr and "step/s" not in proc.stderr  # no progress bar
+
+
+SYNCS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
+
+
+def _count_host_syncs(cfg_dict: dict, run_dir: str) -> dict:
+    """Train with every tensor→host conversion called from megatron_dyt counted, per step."""
+    import sys as _sys
+
+    from megatron_dyt.training import trainer as T
+
+    counts = {"now": 0}
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            if _sys._getframe(1).f_globals.get("__name__", "").startswith("megatron_dyt"):
+                counts["now"] += 1
+            return _original(self, *args, **kwargs)
+
+        setattr(torch.Tensor, name, counted)
+    per_step: dict[int, int] = {}
+    log = T.Trainer.log
+
+    def log_and_count(self, result, *args, **kwargs):
+        log(self, result, *args, **kwargs)
+        per_step[self.position.step] = counts["now"]
+        counts["now"] = 0
+
+    T.Trainer.log = log_and_count
+    T.train(config_from_dict(cfg_dict), Path(run_dir), progress=False)
+    return per_step
+
+
+@pytest.mark.slow
+def test_at_most_one_host_sync_per_step_outside_log_steps(corpus, tmp_path):
+    cfg = train_dict(corpus, log_interval=3, stats_interval=5, train_steps=7)
+    per_step = distributed.run(_count_host_syncs, 1, cfg, str(tmp_path / "run"), tmp_path=tmp_path)[
+        0
+    ]
+    quiet = {s: n for s, n in per_step.items() if s % 3 and s % 5 and s != 7}
+    assert quiet and all(n == 1 for n in quiet.values()), per_step  # the loss and stop flag
+    assert all(per_step[s] > 1 for s in (3, 5, 6, 7)), per_step  # grad norm, statistics

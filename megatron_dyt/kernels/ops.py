@@ -689,9 +689,34 @@ class _ResidualDyTFunction(torch.autograd.Function):
 
 
 # ---- custom ops (what torch.compile sees) ---------------------------------------------------
+#
+# On a GPU these are `triton_op`s: their fake implementations (what torch.compile traces with)
+# are the functions themselves, whose launches `wrap_triton` records, so Inductor sees the
+# kernels. Triton's interpreter cannot do that: `wrap_triton` hands its kernels back as they
+# are, and they read every tensor's data, which fake tensors have none of. So under
+# TRITON_INTERPRET=1 they are plain custom ops whose fake implementations allocate the outputs
+# and launch nothing; the compiled graph calls them as opaque ops, which run the interpreter on
+# real tensors. Either way `fullgraph=True` traces a block that calls them.
 
 
-@triton_op("megatron_dyt::dyt", mutates_args=())
+class _NoLaunch:
+    """`kernel[grid](...)` that does nothing: shapes and dtypes only."""
+
+    def __getitem__(self, grid) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
+def _no_launch(kernel: triton.JITFunction) -> _NoLaunch:
+    return _NoLaunch()
+
+
+def _kernel_op(name: str) -> Callable:
+    if not INTERPRET:
+        return triton_op(name, mutates_args=())
+    return torch.library.custom_op(name, mutates_args=())
+
+
+@_kernel_op("megatron_dyt::dyt")
 def _dyt(
     x: Tensor,
     alpha: Tensor,
@@ -703,7 +728,7 @@ def _dyt(
     return _forward(x, None, alpha, shift, weight, bias, act, wrap_triton)[1]
 
 
-@triton_op("megatron_dyt::residual_dyt", mutates_args=())
+@_kernel_op("megatron_dyt::residual_dyt")
 def _residual_dyt(
     x: Tensor,
     r: Tensor,
@@ -716,7 +741,7 @@ def _residual_dyt(
     return _forward(x, r, alpha, shift, weight, bias, act, wrap_triton)
 
 
-@triton_op("megatron_dyt::dyt_backward", mutates_args=())
+@_kernel_op("megatron_dyt::dyt_backward")
 def _dyt_backward(
     dy: Tensor,
     x: Tensor,
@@ -753,6 +778,20 @@ def _residual_autograd(ctx, dh: Tensor | None, dy: Tensor | None):
 
 _dyt.register_autograd(_dyt_autograd, setup_context=_dyt_setup_context)
 _residual_dyt.register_autograd(_residual_autograd, setup_context=_residual_setup_context)
+
+if INTERPRET:
+
+    @_dyt.register_fake
+    def _dyt_fake(x, alpha, shift, weight, bias, act):
+        return _forward(x, None, alpha, shift, weight, bias, act, _no_launch)[1]
+
+    @_residual_dyt.register_fake
+    def _residual_dyt_fake(x, r, alpha, shift, weight, bias, act):
+        return _forward(x, r, alpha, shift, weight, bias, act, _no_launch)
+
+    @_dyt_backward.register_fake
+    def _dyt_backward_fake(dy, x, alpha, shift, weight, bias, dh, act):
+        return _backward(dy, x, alpha, shift, weight, bias, dh, act, _no_launch)
 
 
 def _apply_dyt(x, alpha, shift, weight, bias, act: int) -> Tensor:

@@ -69,6 +69,10 @@ class Attention(nn.Module):
         return choice
 
     def _rope(self, seq: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():
+            # Inside a compiled block the tables are part of the graph (the compiler computes
+            # them once per call, fused): no module state changes, no cache to guard on.
+            return rope_cos_sin(seq, self.head_dim, self.rope_theta, device)
         cache = self._rope_cache
         if cache is None or cache[0] != seq or cache[1] != device:
             cos, sin = rope_cos_sin(seq, self.head_dim, self.rope_theta, device)

@@ -86,12 +86,27 @@ def column_parallel(
     return layer
 
 
+class RowParallelLinear(tensor_parallel.RowParallelLinear):
+    """megatron-core's layer, handing its TP group to the linear function it calls.
+
+    megatron-core 0.16 calls it with `tp_group=None`, and it then warns on every call ("tp_group
+    is None, using default tp group") before looking the group up. A warning is a graph break
+    under torch.compile (`fullgraph=True` fails on the block); with the group passed there is
+    none. The function needs the group only for sequence parallelism or an all-reduce of the
+    input gradient, which a row-parallel layer does neither of, so the numbers do not change.
+    """
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        kwargs["tp_group"] = self.tp_group
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
+
 def row_parallel(
     mcfg: ModelParallelConfig, in_features: int, out_features: int, tensor: str
 ) -> tensor_parallel.RowParallelLinear:
     """Input columns split over TP (the input arrives split the same way)."""
     _split(tensor, dim=1)
-    layer = tensor_parallel.RowParallelLinear(
+    layer = RowParallelLinear(
         in_features,
         out_features,
         config=mcfg,

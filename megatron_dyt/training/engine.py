@@ -1,7 +1,8 @@
 """The DeepSpeed engine, built from the project config (the DeepSpeed JSON is generated here).
 
 Order matters (docs/design.md §3): process groups → megatron `parallel_state` → model (a
-PipelineModule builds its layers in its constructor) → weights → `deepspeed.initialize`.
+PipelineModule builds its layers in its constructor) → weights → compiled blocks
+(`train.compile`) → `deepspeed.initialize`.
 """
 
 from __future__ import annotations
@@ -126,11 +127,14 @@ def _build(cfg: Config) -> torch.nn.Module:
 
 
 def initialize(model: torch.nn.Module, cfg: Config, ds_config: dict[str, Any], lr_lambda):
-    """`deepspeed.initialize` with our AdamW and schedule; returns the engine."""
+    """`deepspeed.initialize` with our AdamW and schedule; returns the engine. The blocks are
+    compiled first if `train.compile` asks for it (`training/compile.py`)."""
     import deepspeed
 
+    from megatron_dyt.training.compile import compile_blocks
     from megatron_dyt.training.optimizer import build_optimizer
 
+    compile_blocks(model, cfg)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     kwargs: dict[str, Any] = {}

@@ -122,6 +122,60 @@ class NormStats:
         return out
 
 
+class StepTimer:
+    """Step times of one invocation: the mean since the last log line (its throughput) and the
+    time the remaining steps take at the mean of all of them."""
+
+    def __init__(self, steps_left: int):
+        self.left = steps_left
+        self.total = self.interval = 0.0
+        self.count = self.interval_steps = 0
+
+    def add(self, seconds: float) -> None:
+        self.left -= 1
+        self.total += seconds
+        self.count += 1
+        self.interval += seconds
+        self.interval_steps += 1
+
+    def take(self) -> tuple[float, float]:
+        """(mean seconds per step since the last call, estimated seconds left); starts a new
+        interval."""
+        mean = self.interval / max(1, self.interval_steps)
+        self.interval, self.interval_steps = 0.0, 0
+        return mean, self.total / max(1, self.count) * max(0, self.left)
+
+
+def log_line(
+    step: int,
+    total: int,
+    *,
+    loss: float,
+    lr: float,
+    grad_norm: float | None,
+    tokens_per_s: float,
+    tflops_per_gpu: float,
+    mfu: float | None,
+    memory: tuple[str, float],
+    seconds_left: float,
+) -> str:
+    """One plain line per `train.log_interval` steps, for logs no terminal reads (SLURM's):
+    `key value` fields separated by ` | `, the same every time, so `grep`/`awk` can read them."""
+    left = int(seconds_left)
+    fields = [
+        f"step {step}/{total}",
+        f"loss {loss:.4f}",
+        f"lr {lr:.3e}",
+        f"grad_norm {grad_norm:.3f}" if grad_norm is not None else "grad_norm -",
+        f"tokens/s {tokens_per_s:,.0f}",
+        f"TFLOP/s/GPU {tflops_per_gpu:.1f}",
+        f"MFU {100 * mfu:.1f}%" if mfu is not None else "MFU -",
+        f"{memory[0]} {memory[1]:.1f}GiB",
+        f"left {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}",
+    ]
+    return " | ".join(fields)
+
+
 class MetricsWriter:
     """Rank 0 writes metrics.jsonl, TensorBoard events and (optionally) W&B."""
 

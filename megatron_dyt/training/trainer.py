@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -30,7 +32,14 @@ from megatron_dyt.fileio import atomic_write
 from megatron_dyt.layout import BatchLayout, batch_layout, data_parallel_size, run_layout
 from megatron_dyt.model.groups import GROUPING
 from megatron_dyt.training.engine import build_model, deepspeed_config, initialize
-from megatron_dyt.training.metrics import MetricsWriter, NormStats, flops_per_token, peak_tflops
+from megatron_dyt.training.metrics import (
+    MetricsWriter,
+    NormStats,
+    StepTimer,
+    flops_per_token,
+    log_line,
+    peak_tflops,
+)
 from megatron_dyt.training.schedule import lr_factor
 
 
@@ -211,12 +220,6 @@ class _StopFlag:
     def _handle(self, signum, frame) -> None:
         self.signal = signum
 
-    def agreed(self) -> bool:
-        """True on every rank once any rank got a signal (one tiny all-reduce per step)."""
-        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
-
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
@@ -237,17 +240,36 @@ def _dp_mean(value: torch.Tensor) -> float:
     return value.item() / dist.get_world_size(group)
 
 
-def _train_step(engine, batches: list, pipeline: bool) -> float:
+def _train_step(engine, batches: list, pipeline: bool) -> torch.Tensor:
+    """One optimizer step; the loss as a device tensor (no host sync): with pipeline
+    parallelism DeepSpeed's, already averaged over DP and sent to every rank; else this rank's
+    mean over its micro-batches."""
     if pipeline:
-        loss = engine.train_batch(data_iter=iter(batches))
-        return loss.item()
+        return engine.train_batch(data_iter=iter(batches)).detach()
     losses = []
     for tokens, labels in batches:
         loss = engine(tokens, labels)
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach())
-    return _dp_mean(torch.stack(losses).mean())
+    return torch.stack(losses).mean()
+
+
+def _agree(loss: torch.Tensor, stopping: bool, pipeline: bool) -> tuple[float, bool]:
+    """(the step's loss averaged over DP, whether any rank got a stop signal): one all-reduce
+    and the step's only host sync outside log steps. Each DP replica's loss is counted once
+    (TP peers hold copies; with PP every rank holds DeepSpeed's average)."""
+    if pipeline:
+        counted, replicas = dist.get_rank() == 0, 1
+    else:
+        counted, replicas = (
+            ps.get_tensor_model_parallel_rank() == 0,
+            ps.get_data_parallel_world_size(),
+        )
+    values = torch.stack([loss.float() * float(counted), loss.new_tensor(float(stopping))])
+    dist.all_reduce(values)
+    total, signals = values.tolist()
+    return total / replicas, signals > 0
 
 
 @torch.no_grad()
@@ -270,6 +292,13 @@ def _grad_norm(engine) -> float | None:
     if norm is None:
         return None
     return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def _peak_memory() -> tuple[str, float]:
+    """(what, GiB): the GPU's peak allocation, or on CPU the process's peak resident memory."""
+    if torch.cuda.is_available():
+        return "peak_mem", torch.cuda.max_memory_allocated() / 2**30
+    return "peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _scheduled_lr(engine) -> float:
@@ -433,15 +462,17 @@ class Trainer:
             how = " (resharded to this layout)" if self.resharded else ""
             print(f"resuming from {folder} (step {self.position.step}){how}", flush=True)
 
-    def train_step(self, record_stats: bool) -> tuple[float, float, float]:
-        """One optimizer step on the next data batch: (loss, lr it used, seconds); with
-        `record_stats` the norms keep statistics of their first micro-batch (`NormStats`)."""
+    def train_step(self, record_stats: bool) -> tuple[float, float, float, bool]:
+        """One optimizer step on the next data batch: (loss, lr it used, seconds, whether any
+        rank got a stop signal); with `record_stats` the norms keep statistics of their first
+        micro-batch (`NormStats`). One host sync (`_agree`)."""
         lr = _scheduled_lr(self.engine)  # the scheduler moves on after the step
         t0 = time.perf_counter()
         with self.stats.recording() if record_stats else nullcontext():
             batches = self.batches.for_step(self.position.next_batch())
             loss = _train_step(self.engine, batches, self.pipeline)
-        return loss, lr, time.perf_counter() - t0
+        value, stop = _agree(loss, self.stop.signal is not None, self.pipeline)
+        return value, lr, time.perf_counter() - t0, stop
 
     def rewind(self, loss: float, result: TrainResult) -> None:
         """A non-finite loss: go back to the last good checkpoint without this step's batch, or
@@ -487,43 +518,63 @@ class Trainer:
         stats: bool,
     ) -> None:
         """Metrics of the step just taken (`full`: a `train.log_interval` step; `stats`: with the
-        norm statistics, a collective), the validation loss and zero-shot scores when due, and the
-        progress bar. A step with any of them is written whole."""
+        norm statistics, a collective), the validation loss and zero-shot scores when due, the
+        log line or the progress bar. Only a step that writes a record reads the GPU again (the
+        grad norm, the statistics); a step that writes none adds no host sync."""
         cfg, step = self.cfg, self.position.step
-        grad_norm = _grad_norm(self.engine)
-        tps = self.tokens_per_step / seconds
-        tflops = self.flops_per_token * tps / self.world / 1e12
-        record: dict[str, Any] = {
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens_per_s": tps,
-            "step_time_s": seconds,
-            "tflops_per_gpu": tflops,
-            "mfu": tflops / self.peak if self.peak else None,
-            "consumed_samples": self.position.cursor * self.layout.global_batch,
-        }
-        if stats:
-            record.update({f"norm/{k}": v for k, v in self.stats.gather().items()})
+        self.timer.add(seconds)
         last = step == self.total_steps
-        if self.valid is not None and (step % cfg.train.eval_interval == 0 or last):
-            record["valid_loss"] = _evaluate(
-                self.engine, self.valid, self.eval_batches, self.pipeline
+        validate = self.valid is not None and (step % cfg.train.eval_interval == 0 or last)
+        zero_shot = bool(self.zero_shot_tasks) and (step % cfg.eval.every_n_steps == 0 or last)
+        record: dict[str, Any] = {"loss": loss, "lr": lr}
+        if full or stats or validate or zero_shot:
+            tps = self.tokens_per_step / seconds
+            tflops = self.flops_per_token * tps / self.world / 1e12
+            record.update(
+                grad_norm=_grad_norm(self.engine),
+                tokens_per_s=tps,
+                step_time_s=seconds,
+                tflops_per_gpu=tflops,
+                mfu=tflops / self.peak if self.peak else None,
+                consumed_samples=self.position.cursor * self.layout.global_batch,
             )
-            result.valid_losses[step] = record["valid_loss"]
-        if self.zero_shot_tasks and (step % cfg.eval.every_n_steps == 0 or last):
-            tasks = self.zero_shot_tasks
-            record.update(_zero_shot(self.engine.module, cfg, self.tokenizer, tasks))
-        if full or stats or "valid_loss" in record:
+            if stats:
+                record.update({f"norm/{k}": v for k, v in self.stats.gather().items()})
+            if validate:
+                record["valid_loss"] = _evaluate(
+                    self.engine, self.valid, self.eval_batches, self.pipeline
+                )
+                result.valid_losses[step] = record["valid_loss"]
+            if zero_shot:
+                tasks = self.zero_shot_tasks
+                record.update(_zero_shot(self.engine.module, cfg, self.tokenizer, tasks))
             self.writer.write(step, record)
-        if self.bar is not None:
-            self.bar.set_postfix(
-                loss=f"{loss:.4f}",
-                lr=f"{lr:.2e}",
-                gnorm=f"{grad_norm:.3f}" if grad_norm is not None else "-",
-                tok_s=f"{tps:,.0f}",
-                refresh=False,
+        if full and self.lines:
+            mean, left = self.timer.take()
+            tps = self.tokens_per_step / mean
+            tflops = self.flops_per_token * tps / self.world / 1e12
+            print(
+                log_line(
+                    step,
+                    self.total_steps,
+                    loss=loss,
+                    lr=lr,
+                    grad_norm=record["grad_norm"],
+                    tokens_per_s=tps,
+                    tflops_per_gpu=tflops,
+                    mfu=tflops / self.peak if self.peak else None,
+                    memory=_peak_memory(),
+                    seconds_left=left,
+                ),
+                flush=True,
             )
+        if self.bar is not None:
+            postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
+            if record.get("grad_norm") is not None:
+                postfix["gnorm"] = f"{record['grad_norm']:.3f}"
+            if "tokens_per_s" in record:
+                postfix["tok_s"] = f"{record['tokens_per_s']:,.0f}"
+            self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(1)
 
     def save(self) -> Path:
@@ -558,7 +609,11 @@ class Trainer:
         self.stats = NormStats(self.model, cfg, _device())
         self.writer = MetricsWriter(self.run_dir, cfg, enabled=self.is_rank0)
         self.stop = _StopFlag()
-        self.bar = _progress_bar(self.is_rank0 and self.progress, self.position.step, total)
+        # a progress bar on a terminal; plain lines where no terminal reads (SLURM logs)
+        on_terminal = self.progress and sys.stderr.isatty()
+        self.bar = _progress_bar(self.is_rank0 and on_terminal, self.position.step, total)
+        self.lines = self.is_rank0 and not on_terminal
+        self.timer = StepTimer(total - self.position.step)
         last_saved, steps_this_run = self.position.step, 0
         try:
             while self.position.step < total:
@@ -566,7 +621,7 @@ class Trainer:
                 last = upcoming == total
                 full_log = upcoming % cfg.train.log_interval == 0 or last
                 record_stats = upcoming % cfg.train.stats_interval == 0 or last
-                loss, lr, seconds = self.train_step(record_stats)
+                loss, lr, seconds, stop = self.train_step(record_stats)
                 if not math.isfinite(loss):
                     self.rewind(loss, result)
                     continue
@@ -575,7 +630,7 @@ class Trainer:
                 steps_this_run += 1
                 result.losses[self.position.step] = loss
                 self.log(result, loss, lr, seconds, full_log, record_stats)
-                if self.stop.agreed():
+                if stop:
                     result.stopped_by_signal = True
                     result.checkpoint, last_saved = self.save(), self.position.step
                     if self.is_rank0:
