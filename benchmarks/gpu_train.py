@@ -49,6 +49,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "zero": 1,
         "scale": False,
     },
+    "dyt-triton-z1-eager": {"norm": {**DYT, "backend": "triton"}, "zero": 1, "compile": "none"},
+    "rmsnorm-z1-eager": {"norm": {"kind": "rmsnorm"}, "zero": 1, "compile": "none"},
     "dyt-triton-z2": {"norm": {**DYT, "backend": "triton"}, "zero": 2},
     "dyt-triton-z1-selective": {"norm": {**DYT, "backend": "triton"}, "zero": 1, "ac": "selective"},
     "dyt-triton-z1-full": {"norm": {**DYT, "backend": "triton"}, "zero": 1, "ac": "full"},
@@ -88,6 +90,7 @@ def config_tree(variant: str, steps: int, data: dict[str, Any], tiny: bool) -> d
             "save_interval": 0,  # only the final checkpoint
             "eval_interval": 0,
             "activation_checkpointing": v.get("ac", "none"),
+            "compile": v.get("compile", "auto"),  # auto: compiled blocks on CUDA
             "precision": "fp32" if tiny else "bf16",
         },
         "data": data,
@@ -141,6 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "backend": cfg.model.norm.backend,
         "zero_stage": cfg.parallel.zero_stage,
         "grad_accum_dtype": cfg.train.grad_accum_dtype,
+        "compile": cfg.train.compile,
         "activation_checkpointing": cfg.train.activation_checkpointing,
         "steps": len(step_s),
         "timed_steps": len(timed),

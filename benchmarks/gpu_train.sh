@@ -25,8 +25,8 @@ phase() {  # name, seconds, command...
 }
 CACHE=/tmp/gpu-train-cache
 phase data "${DATA_S:-60}" python3 "$HERE/gpu_train.py" data --cache "$CACHE"
-for v in ${VARIANTS:-dyt-triton-z1 rmsnorm-z1 dyt-torch-z1}; do
-  phase "$v" "${RUN_S:-100}" python3 "$HERE/gpu_train.py" run "$v" --cache "$CACHE" \
+for v in ${VARIANTS:-dyt-triton-z1 rmsnorm-z1 dyt-triton-z1-eager rmsnorm-z1-eager}; do
+  phase "$v" "${RUN_S:-110}" python3 "$HERE/gpu_train.py" run "$v" --cache "$CACHE" \
     --json "$OUT/train.json" --steps "${STEPS:-25}"
   rm -rf "$CACHE/runs/$v"  # the checkpoint: disk is small
 done

@@ -205,7 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="resume a run folder whose saved config differs from this one",
     )
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="plain log lines instead of the progress bar (the default where stderr is no terminal)",
+    )
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser(

@@ -101,6 +101,10 @@ def compile_blocks(model: nn.Module, cfg: Config, backend: str = "inductor") -> 
     """
     if not compile_wanted(cfg):
         return 0
+    # A recording norm keeps its statistics as a module attribute, a side effect that Dynamo
+    # refuses inside activation checkpointing unless it may skip replaying it in the backward's
+    # recompute: which the norms skip anyway (they record once per step).
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     blocks = _blocks(model)
     if blocks and cfg.parallel.zero_stage == 3:
         from deepspeed.utils import set_z3_leaf_modules

@@ -433,7 +433,8 @@ class Trainer:
         self.peak = peak_tflops(cfg)
         self.tokens_per_step = g * cfg.model.seq_length
         self.progress = progress
-        self.stats = self.writer = self.stop = self.bar = None
+        self.stats = self.writer = self.stop = self.bar = self.timer = None
+        self.lines = False
 
     # ---- the steps of the loop ---------------------------------------------------------------
 
