@@ -83,8 +83,8 @@ def build_model(cfg: Config, ds_config: dict[str, Any] | None = None) -> torch.n
     Host memory stays small at any size: the weights are allocated in the training dtype
     (DeepSpeed would cast them to it anyway), on CUDA on this rank's GPU (no copy of the stage on
     the host), and under ZeRO-3 inside `deepspeed.zero.Init`, so each parameter is partitioned
-    over the data-parallel group as soon as its module is built. `ds_config` is the run's DeepSpeed config
-    (needed for ZeRO-3).
+    over the data-parallel group as soon as its module is built. `ds_config` is the run's
+    DeepSpeed config (needed for ZeRO-3).
     """
     device = (
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None

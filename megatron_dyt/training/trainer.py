@@ -266,7 +266,8 @@ def _agree(loss: torch.Tensor, stopping: bool, pipeline: bool) -> tuple[float, b
             ps.get_tensor_model_parallel_rank() == 0,
             ps.get_data_parallel_world_size(),
         )
-    values = torch.stack([loss.float() * float(counted), loss.new_tensor(float(stopping))])
+    mine = loss.float() if counted else torch.zeros_like(loss, dtype=torch.float32)
+    values = torch.stack([mine, mine.new_tensor(float(stopping))])
     dist.all_reduce(values)
     total, signals = values.tolist()
     return total / replicas, signals > 0
