@@ -240,7 +240,12 @@ BAD = [
     (["parallel.zero_stage=4"], "parallel.zero_stage=4"),
     (["parallel.sequence_parallel=true"], "sequence_parallel=true needs parallel.tensor > 1"),
     (
-        ["parallel.sequence_parallel=true", "parallel.tensor=8", "parallel.pipeline=4"],
+        [
+            "parallel.sequence_parallel=true",
+            "parallel.tensor=8",
+            "parallel.pipeline=4",
+            "parallel.zero_stage=1",
+        ],
         "parallel.sequence_parallel=true cannot be combined with parallel.pipeline=4",
     ),
     (

@@ -71,7 +71,8 @@ def variant_config(preset: str, variant: str) -> Config:
                 **shape,
             },
             "parallel": {"tensor": 1, "pipeline": 1, "zero_stage": 0},
-            "train": {"micro_batch_size": micro, "precision": "bf16"},
+            # one micro-batch per step and no DeepSpeed: nothing is accumulated
+            "train": {"micro_batch_size": micro, "precision": "bf16", "grad_accum_dtype": "bf16"},
         }
     )
 
