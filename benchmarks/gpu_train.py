@@ -2,6 +2,9 @@
 
     python benchmarks/gpu_train.py data --cache DIR               # the demo corpus, once
     python benchmarks/gpu_train.py run VARIANT --cache DIR --json OUT.json [--steps 25]
+    python benchmarks/gpu_train.py resume VARIANT --cache DIR --json OUT.json
+    python benchmarks/gpu_train.py accum --zero 2 --accum fp32 --json OUT.json
+    python benchmarks/gpu_train.py table OUT.json                 # Markdown
     python benchmarks/gpu_train.py list
 
 Each `run` is one process and one short run of the real trainer (DeepSpeed engine, ZeRO, the
@@ -11,6 +14,12 @@ own step function (it synchronises every step: the loss is read back), skipping 
 `--warmup` steps (Triton JIT, cuDNN/cuBLAS autotuning). The run's final checkpoint is timed too.
 The row is merged into the JSON file, which is rewritten atomically, so a call cut short keeps
 the rows it finished. `--tiny` swaps in a small shape so the path can be tested on CPU.
+
+`resume` restarts a finished `run` from its step-10 checkpoint in a fresh run folder, trains
+steps 11-20 and compares their losses with the uninterrupted run's. `accum` measures how exactly
+DeepSpeed sums 16 bf16 micro-batch gradients (`training/accum_check.py`) on a 2-layer model of
+the same width. `table` prints the Markdown tables of the JSON, each run against the compiled
+plain loop of `bench_step --compile` measured in the same call (key `train_step_compiled`).
 """
 
 from __future__ import annotations
@@ -56,6 +65,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dyt-triton-z1-full": {"norm": {**DYT, "backend": "triton"}, "zero": 1, "ac": "full"},
 }
 DEMO_VOCAB = 4096  # the corpus' tokenizer; the model's vocabulary is bigger, which is allowed
+RESUME_FROM, RESUME_TO = 10, 20
+RESUME_TOLERANCE = 0.02  # |Δloss| of a resumed bf16 run (compiled kernels need not be bitwise)
 
 
 def demo_data(cache: Path) -> dict[str, Any]:
@@ -66,7 +77,9 @@ def demo_data(cache: Path) -> dict[str, Any]:
     return {"tokenizer": str(demo.tokenizer_path), "paths": [str(demo.data_prefix)]}
 
 
-def config_tree(variant: str, steps: int, data: dict[str, Any], tiny: bool) -> dict[str, Any]:
+def config_tree(
+    variant: str, steps: int, data: dict[str, Any], tiny: bool, save_at: int = 0
+) -> dict[str, Any]:
     """The run's config; `data` is its data section (tests estimate memory with a stand-in)."""
     v = VARIANTS[variant]
     shape = SHAPES["tiny" if tiny else "1b"]
@@ -87,7 +100,7 @@ def config_tree(variant: str, steps: int, data: dict[str, Any], tiny: bool) -> d
             "lr": 3e-4,
             "log_interval": steps,  # one metrics record, at the end
             "stats_interval": steps,  # norm statistics once, at the end
-            "save_interval": 0,  # only the final checkpoint
+            "save_interval": save_at,  # 0: only the final checkpoint
             "eval_interval": 0,
             "activation_checkpointing": v.get("ac", "none"),
             "compile": v.get("compile", "auto"),  # auto: compiled blocks on CUDA
@@ -106,7 +119,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from megatron_dyt.training import trainer
 
     cache = Path(args.cache)
-    cfg = config_from_dict(config_tree(args.variant, args.steps, demo_data(cache), args.tiny))
+    tree = config_tree(args.variant, args.steps, demo_data(cache), args.tiny, args.save_at)
+    cfg = config_from_dict(tree)
     step_s: list[float] = []
     save_s: list[float] = []
     real_step, real_save = trainer._train_step, checkpoint.save
@@ -187,8 +201,139 @@ def merge_row(path: Path, row: dict[str, Any]) -> None:
         data["triton"], data["deepspeed"] = triton.__version__, deepspeed.__version__
     except ImportError:
         pass
-    data["rows"] = [r for r in data["rows"] if r["variant"] != row["variant"]] + [row]
+    data["rows"] = [r for r in data.get("rows", []) if r["variant"] != row["variant"]] + [row]
     atomic_write(path, json.dumps(data, indent=1) + "\n")
+
+
+def resume(args: argparse.Namespace) -> dict[str, Any]:
+    """Steps RESUME_FROM+1 … RESUME_TO of `args.variant`'s finished run, resumed in a fresh
+    folder from its step-RESUME_FROM checkpoint, against the losses the run logged."""
+    import shutil
+
+    from megatron_dyt.checkpoint.format import CONFIG, LATEST, tag_for
+    from megatron_dyt.config import load_config
+    from megatron_dyt.fileio import atomic_write
+    from megatron_dyt.training import trainer
+
+    source = Path(args.cache) / "runs" / args.variant
+    row = next(
+        r for r in json.loads(Path(args.json).read_text())["rows"] if r["variant"] == args.variant
+    )
+    tag = tag_for(RESUME_FROM)
+    target = Path(args.cache) / "runs" / f"{args.variant}-resume"
+    shutil.rmtree(target, ignore_errors=True)
+    (target / "checkpoints").mkdir(parents=True)
+    shutil.copy2(source / CONFIG, target / CONFIG)
+    shutil.copytree(source / "checkpoints" / tag, target / "checkpoints" / tag)
+    atomic_write(target / "checkpoints" / LATEST, tag)
+    cfg = load_config(target / CONFIG)
+    result = trainer.train(cfg, target, progress=False, stop_after=RESUME_TO - RESUME_FROM)
+    diffs = {
+        str(step): loss - row["losses"][str(step)]
+        for step, loss in sorted(result.losses.items())
+        if str(step) in row["losses"]
+    }
+    worst = max(abs(d) for d in diffs.values()) if diffs else None
+    shutil.rmtree(target, ignore_errors=True)
+    return {
+        "variant": args.variant,
+        "from_step": RESUME_FROM,
+        "steps": sorted(result.losses),
+        "loss_differences": diffs,
+        "max_abs_difference": worst,
+        "tolerance": RESUME_TOLERANCE,
+        "continues": worst is not None and worst <= RESUME_TOLERANCE,
+    }
+
+
+def accum(args: argparse.Namespace) -> dict[str, Any]:
+    from megatron_dyt.training.accum_check import accumulation_error
+
+    shape = SHAPES["tiny" if args.tiny else "1b"]
+    tree = {
+        "model": {
+            "name": "accum",
+            **{**shape, "num_layers": 2},
+            "norm": {**DYT, "backend": "triton"},
+            "embedding_scale": True,
+        },
+        "parallel": {"tensor": 1, "pipeline": 1, "zero_stage": args.zero},
+        "train": {"micro_batch_size": 1 if args.tiny else 4, "grad_accum_dtype": args.accum},
+    }
+    return accumulation_error(tree, args.micro_batches)
+
+
+def merge(path: Path, key: str, row: dict[str, Any], match: str) -> None:
+    """Put `row` in the list `key` of the JSON file, replacing the row with the same `match`
+    field; atomically, so a cut-off call keeps what it finished."""
+    from megatron_dyt.fileio import atomic_write
+
+    data = json.loads(path.read_text()) if path.is_file() else {"rows": []}
+    rows = [r for r in data.get(key, []) if r.get(match) != row.get(match)]
+    data[key] = rows + [row]
+    atomic_write(path, json.dumps(data, indent=1) + "\n")
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def table(data: dict[str, Any]) -> str:
+    """The Markdown tables of a results file: each run against the compiled plain loop with
+    the same norm, peak memory against `info`, the resumed runs and the accumulation errors."""
+    anchor = {r["norm"]: r for r in data.get("train_step_compiled", {}).get("rows", [])}
+    out = [
+        f"Device: {data.get('device', '?')}; torch {data.get('torch', '?')}, Triton"
+        f" {data.get('triton', '?')}, DeepSpeed {data.get('deepspeed', '?')}.",
+        "",
+        "| variant | compile | ZeRO | AC | ms/step | tokens/s | vs compiled plain loop |"
+        " peak GiB | `info` GiB | peak / `info` | checkpoint GB/s | loss first → last |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in data.get("rows", []):
+        plain = anchor.get(r["norm"])
+        ratio = (
+            f"{r['tokens_per_s'] / plain['tokens_per_s']:.2f}×"
+            if plain and r.get("tokens_per_s")
+            else "–"
+        )
+        losses = list(r.get("losses", {}).values())
+        peak, est = r.get("peak_gib"), r.get("info_estimate_total_gib")
+        out.append(
+            f"| {r['variant']} | {r['compile']} | {r['zero_stage']} |"
+            f" {r['activation_checkpointing']} | {_fmt(r.get('ms_per_step'), '.1f')} |"
+            f" {_fmt(r.get('tokens_per_s'), ',.0f')} | {ratio} | {_fmt(peak, '.1f')} |"
+            f" {_fmt(est, '.1f')} | {_fmt(peak / est if peak and est else None, '.2f')} |"
+            f" {_fmt(r.get('checkpoint_gb_per_s'), '.2f')} |"
+            f" {_fmt(losses[0] if losses else None, '.3f')} → {_fmt(losses[-1] if losses else None, '.3f')} |"
+        )
+    if anchor:
+        out += ["", "Compiled plain loop (`bench_step --compile`, no DeepSpeed):", ""]
+        out += ["| norm | ms/step | tokens/s | peak GiB |", "|---|---:|---:|---:|"]
+        for r in anchor.values():
+            out.append(
+                f"| {r['variant']} | {r['ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} |"
+            )
+    if data.get("resume"):
+        out += ["", "| resumed run | from step | max |Δloss| | tolerance | continues |"]
+        out.append("|---|---:|---:|---:|---|")
+        for r in data["resume"]:
+            out.append(
+                f"| {r['variant']} | {r['from_step']} | {_fmt(r['max_abs_difference'], '.2e')} |"
+                f" {r['tolerance']} | {'yes' if r['continues'] else 'no'} |"
+            )
+    if data.get("accum"):
+        out += [
+            "",
+            "| ZeRO | accumulation | optimizer | micro-batches | matrices rel. err | α rel. err |",
+        ]
+        out.append("|---:|---|---|---:|---:|---:|")
+        for r in data["accum"]:
+            out.append(
+                f"| {r['zero_stage']} | {r['grad_accum_dtype']} | {r['optimizer']} |"
+                f" {r['micro_batches']} | {_fmt(r['matrices'], '.1e')} | {_fmt(r['alpha'], '.1e')} |"
+            )
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,10 +348,42 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--steps", type=int, default=25)
     r.add_argument("--warmup", type=int, default=5)
     r.add_argument("--tiny", action="store_true", help="a small shape, to test the path on CPU")
+    r.add_argument(
+        "--save-at",
+        type=int,
+        default=0,
+        help=f"also save every N steps (`resume` needs {RESUME_FROM})",
+    )
+    res = sub.add_parser("resume", help="resume a finished run from step 10 and compare")
+    res.add_argument("variant", choices=sorted(VARIANTS))
+    res.add_argument("--cache", required=True)
+    res.add_argument("--json", required=True)
+    acc = sub.add_parser("accum", help="gradient-accumulation numerics (bf16 vs fp32 sums)")
+    acc.add_argument("--zero", type=int, choices=[1, 2], default=2)
+    acc.add_argument("--accum", choices=["fp32", "bf16"], required=True)
+    acc.add_argument("--micro-batches", type=int, default=16)
+    acc.add_argument("--json", required=True)
+    acc.add_argument("--tiny", action="store_true", help="a small shape, to test the path on CPU")
+    tab = sub.add_parser("table", help="print the Markdown tables of a results file")
+    tab.add_argument("json")
     sub.add_parser("list", help="the variants")
     args = parser.parse_args(argv)
     if args.cmd == "list":
         print("\n".join(VARIANTS))
+        return 0
+    if args.cmd == "table":
+        print(table(json.loads(Path(args.json).read_text())))
+        return 0
+    if args.cmd == "resume":
+        row = resume(args)
+        merge(Path(args.json), "resume", row, "variant")
+        print(json.dumps({k: row[k] for k in ("variant", "max_abs_difference", "continues")}))
+        return 0
+    if args.cmd == "accum":
+        row = accum(args)
+        row["id"] = f"zero{row['zero_stage']}-{row['grad_accum_dtype']}"
+        merge(Path(args.json), "accum", row, "id")
+        print(json.dumps(row))
         return 0
     if args.cmd == "data":
         from megatron_dyt.data import ensure_demo_data

@@ -229,6 +229,28 @@ class ParallelConfig(_Section):
         description="ZeRO-3 keeps parameters with fewer elements than this unpartitioned"
         " (DeepSpeed's default).",
     )
+    overlap_comm: bool = Field(
+        True,
+        description="ZeRO 1-3: reduce each full gradient bucket on a side stream while the"
+        " backward goes on (DeepSpeed's overlap_comm); holds two reduce buckets instead of one.",
+    )
+    contiguous_gradients: bool = Field(
+        True,
+        description="ZeRO 1-3: copy gradients into one contiguous buffer as they are reduced"
+        " (less fragmentation, DeepSpeed's default).",
+    )
+    reduce_bucket_size: int = Field(
+        200_000_000,
+        ge=1,
+        description="ZeRO 1-3: gradient elements reduced in one collective. Larger buckets use"
+        " the network better and hold more memory (info counts them).",
+    )
+    allgather_bucket_size: int = Field(
+        200_000_000,
+        ge=1,
+        description="ZeRO 1-2: updated parameter elements all-gathered in one collective after"
+        " the optimizer step.",
+    )
 
 
 class TrainConfig(_Section):

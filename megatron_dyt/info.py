@@ -30,8 +30,7 @@ DEFAULT_GPU_MEMORY_GIB = 80.0  # no GPU here and no --gpu-memory: an 80 GB A100 
 USABLE_FRACTION = 0.9  # the rest: CUDA context, NCCL buffers, the caching allocator's fragmentation
 
 # DeepSpeed's ZeRO defaults (deepspeed/runtime/zero/config.py), which
-# `training.engine.deepspeed_config` leaves as they are.
-ZERO_REDUCE_BUCKET = 500_000_000  # elements of the gradient-reduction bucket (reduce_bucket_size)
+# `training.engine.deepspeed_config` leaves as they are (the reduce bucket is parallel's).
 ZERO3_PREFETCH_BUCKET = 50_000_000  # elements of parameters ZeRO-3 fetches ahead
 ZERO3_SUB_GROUP = 1_000_000_000  # elements ZeRO-3's optimizer steps at a time (sub_group_size)
 
@@ -238,15 +237,19 @@ def _deepspeed_buffers(
     zero = cfg.parallel.zero_stage
     a = _act_bytes(cfg)
     bucket = persistent = 0.0
+    reduce_bucket = cfg.parallel.reduce_bucket_size
     if zero in (1, 2):
-        # contiguous_gradients: one bucket of reduce_bucket_size gradients (two with
-        # overlap_comm, off by default below ZeRO-3), from each backward's first gradient
-        bucket = ZERO_REDUCE_BUCKET * a
+        # one bucket of reduce_bucket_size gradients from each backward's first gradient; the
+        # ZeRO optimizer holds two with overlap_comm (DeepSpeed's bf16 optimizer, ZeRO-1 with
+        # fp32 accumulation, reduces once after the backward)
+        bf16_optimizer = zero == 1 and a == 2 and cfg.train.grad_accum_dtype == "fp32"
+        double = cfg.parallel.overlap_comm and not bf16_optimizer
+        bucket = reduce_bucket * a * (2 if double else 1)
         stepped = n / dp
     elif zero == 3:
         # allocated at start-up and kept: the reduce bucket, the prefetched parameters and one
         # block's weights gathered whole
-        persistent = (ZERO_REDUCE_BUCKET + ZERO3_PREFETCH_BUCKET + block_params) * a
+        persistent = (reduce_bucket + ZERO3_PREFETCH_BUCKET + block_params) * a
         stepped = min(n / dp, ZERO3_SUB_GROUP)
     else:
         stepped = n

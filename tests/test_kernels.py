@@ -848,6 +848,25 @@ def test_training_step_benchmark_code_path_runs(tmp_path):
     assert all(math.isfinite(r["last_loss"]) and r["ms"] > 0 for r in rows.values())
 
 
+@pytest.mark.slow
+def test_compiled_training_step_benchmark_matches_eager(tmp_path):
+    """The anchor the trainer is measured against (`--compile`: the whole model under
+    torch.compile, Inductor on CPU) trains the same model: the same first loss as eager, and
+    its results go under their own key."""
+    from megatron_dyt.kernels import bench_step
+
+    eager = bench_step.run("tiny", 1, 1, "cpu", variants=["rmsnorm", "dyt-torch"])
+    compiled = bench_step.run("tiny", 1, 1, "cpu", compile=True, variants=["rmsnorm", "dyt-torch"])
+    path = tmp_path / "results.json"
+    bench_step.write_json(path, eager)
+    bench_step.write_json(path, compiled)
+    data = json.loads(path.read_text())
+    assert not data["train_step"]["compiled"] and data["train_step_compiled"]["compiled"]
+    for a, b in zip(eager["rows"], compiled["rows"], strict=True):
+        assert a["variant"] == b["variant"] and b["compiled"]
+        assert b["first_loss"] == pytest.approx(a["first_loss"], rel=1e-5)
+
+
 def test_host_overhead_benchmark_code_path_runs():
     from megatron_dyt.kernels import bench_host
 

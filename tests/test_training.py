@@ -39,13 +39,24 @@ def test_loss_falls(reference):
     assert losses[STEPS] < losses[1] - 0.3
 
 
-# DP/TP/PP change only the order of floating-point sums: 1e-5 relative over 8 steps.
-@pytest.mark.parametrize("zero", [1, 2, 3])
+# DP/TP/PP change only the order of floating-point sums: 1e-5 relative over 8 steps. The
+# defaults overlap the reduction with two buckets; small buckets make many of them per step.
+@pytest.mark.parametrize(
+    "zero,comm",
+    [
+        (1, {}),
+        (2, {}),
+        (3, {}),
+        (2, {"reduce_bucket_size": 5000, "allgather_bucket_size": 5000}),
+        (1, {"overlap_comm": False, "contiguous_gradients": False}),
+    ],
+    ids=["zero1", "zero2", "zero3", "zero2-small-buckets", "zero1-no-overlap"],
+)
 @pytest.mark.distributed
-def test_data_parallel_zero_matches_single_process(zero, corpus, reference, tmp_path):
-    ranks = distributed.run(
-        _train, 2, train_dict(corpus, zero=zero), str(tmp_path / "run"), tmp_path=tmp_path
-    )
+def test_data_parallel_zero_matches_single_process(zero, comm, corpus, reference, tmp_path):
+    tree = train_dict(corpus, zero=zero)
+    tree["parallel"].update(comm)
+    ranks = distributed.run(_train, 2, tree, str(tmp_path / "run"), tmp_path=tmp_path)
     for r in ranks:
         _assert_losses_close(r["losses"], reference["losses"], 1e-5)
 
@@ -374,6 +385,16 @@ def test_log_lines_where_no_terminal_reads(corpus, tmp_path):
     ]
     assert lines[-1].endswith("left 0:00:00")
     assert "it/s" not in proc.stderr and "step/s" not in proc.stderr  # no progress bar
+    # the last step's checkpoint: its size, how long the ranks waited and the write rate, in
+    # the log and in metrics.jsonl (the size is that of the folder written)
+    folder = tmp_path / "run/checkpoints/step_0000004"
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    saved = [x for x in proc.stdout.splitlines() if x.startswith("checkpoint step 4: ")]
+    assert len(saved) == 1 and saved[0].endswith(f"GB/s) {folder}"), proc.stdout[-2000:]
+    events = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    (event,) = [e for e in events if e.get("event") == "checkpoint"]
+    assert event["step"] == 4 and event["gigabytes"] == size / 1e9 and event["seconds"] > 0
+    assert event["gigabytes_per_s"] == pytest.approx(size / 1e9 / event["seconds"], rel=1e-9)
 
 
 SYNCS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")

@@ -1,13 +1,15 @@
 """Time a whole training step of one model with DyT (Triton kernels), DyT (torch) and RMSNorm.
 
-    python -m megatron_dyt.kernels.bench_step [--preset 1b] [--json PATH]
+    python -m megatron_dyt.kernels.bench_step [--preset 1b] [--compile] [--json PATH]
 
 The kernels only matter if they make the model faster, so this times forward + backward +
 AdamW of the same LLaMA (one GPU, TP=1, bf16 weights, fused AdamW, no DeepSpeed so the numbers
 are the model's own) for three norms: `dyt` with `backend: triton`, `dyt` with `backend: torch`
-and `rmsnorm` (the project's `RMSNorm` module, on `F.rms_norm`). It prints ms per step, tokens/s and the ratio to RMSNorm. With
-`--json` the figures go under the key `train_step` of that file, which may already hold the
-kernel benchmark (`python -m megatron_dyt.kernels.bench --json`).
+and `rmsnorm` (the project's `RMSNorm` module, on `F.rms_norm`). It prints ms per step,
+tokens/s and the ratio to RMSNorm. With `--compile` the whole model is compiled with
+`torch.compile`, as a user's own loop would be: the anchor `benchmarks/gpu_train.py` holds the
+real trainer against. With `--json` the figures go under the key `train_step` (compiled:
+`train_step_compiled`) of that file, which may hold the kernel benchmark's results already.
 """
 
 from __future__ import annotations
@@ -77,8 +79,11 @@ def variant_config(preset: str, variant: str) -> Config:
     )
 
 
-def time_variant(preset: str, variant: str, steps: int, warmup: int, device: str) -> dict[str, Any]:
-    """Median wall time of a full optimizer step (synchronised) over `steps` after `warmup`."""
+def time_variant(
+    preset: str, variant: str, steps: int, warmup: int, device: str, compile: bool = False
+) -> dict[str, Any]:
+    """Median wall time of a full optimizer step (synchronised) over `steps` after `warmup`
+    (which includes the compilation when `compile`)."""
     from megatron_dyt import parallel
     from megatron_dyt.model import LlamaModel, init_weights
 
@@ -92,6 +97,7 @@ def time_variant(preset: str, variant: str, steps: int, warmup: int, device: str
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=1e-4, weight_decay=0.1, fused=device == "cuda"
     )
+    step_model = torch.compile(model) if compile else model
     micro, seq = cfg.train.micro_batch_size, cfg.model.seq_length
     generator = torch.Generator(device).manual_seed(0)
     tokens = torch.randint(
@@ -101,7 +107,7 @@ def time_variant(preset: str, variant: str, steps: int, warmup: int, device: str
     losses, times = [], []
     for i in range(warmup + steps):
         start = time.perf_counter()
-        loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss = step_model(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -110,7 +116,8 @@ def time_variant(preset: str, variant: str, steps: int, warmup: int, device: str
             times.append(time.perf_counter() - start)
     ms = statistics.median(times) * 1e3
     parameters = sum(p.numel() for p in model.parameters())
-    del model, optimizer, loss
+    del model, step_model, optimizer, loss
+    torch._dynamo.reset()
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.empty_cache()
@@ -119,6 +126,7 @@ def time_variant(preset: str, variant: str, steps: int, warmup: int, device: str
         peak = 0.0
     return {
         "variant": variant,
+        "compiled": compile,
         "norm": VARIANTS[variant][0],
         "backend": VARIANTS[variant][1],
         "parameters": parameters,
@@ -131,11 +139,19 @@ def time_variant(preset: str, variant: str, steps: int, warmup: int, device: str
     }
 
 
-def run(preset: str, steps: int, warmup: int, device: str) -> dict[str, Any]:
+def run(
+    preset: str,
+    steps: int,
+    warmup: int,
+    device: str,
+    compile: bool = False,
+    variants: list[str] | None = None,
+) -> dict[str, Any]:
+    """Every variant (or `variants`, which must include rmsnorm, the reference)."""
     from megatron_dyt import parallel
 
     parallel.init_distributed("nccl" if device == "cuda" else "gloo")
-    rows = [time_variant(preset, v, steps, warmup, device) for v in VARIANTS]
+    rows = [time_variant(preset, v, steps, warmup, device, compile) for v in variants or VARIANTS]
     reference = next(r for r in rows if r["variant"] == "rmsnorm")["ms"]
     for row in rows:
         row["ratio_to_rmsnorm"] = row["ms"] / reference
@@ -144,15 +160,17 @@ def run(preset: str, steps: int, warmup: int, device: str) -> dict[str, Any]:
         "preset": preset,
         "shape": PRESETS[preset],
         "steps": steps,
+        "compiled": compile,
         "optimizer": "torch.optim.AdamW (fused), bf16 weights",
         "rows": rows,
     }
 
 
 def write_json(path: Path, result: dict[str, Any]) -> None:
-    """Put `result` under `train_step` in `path`, keeping what the file already holds."""
+    """Put `result` under `train_step` (`train_step_compiled`) in `path`, keeping what the
+    file already holds."""
     data = json.loads(path.read_text()) if path.exists() else {}
-    data["train_step"] = result
+    data["train_step_compiled" if result["compiled"] else "train_step"] = result
     bench.write_json(path, data)
 
 
@@ -164,12 +182,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the whole model")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=sorted(VARIANTS),
+        help="these variants only (rmsnorm, the reference, is always run)",
+    )
     parser.add_argument("--json", type=Path, help="merge the results into this file")
     args = parser.parse_args(argv)
+    variants = None if not args.variants else sorted({"rmsnorm", *args.variants})
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_step: needs a CUDA GPU; none is available here", file=sys.stderr)
         return 2
-    result = run(args.preset, args.steps, args.warmup, args.device)
+    result = run(args.preset, args.steps, args.warmup, args.device, args.compile, variants)
     print(f"{'variant':<12} {'ms/step':>9} {'tokens/s':>10} {'vs rmsnorm':>10} {'peak GiB':>9}")
     for row in result["rows"]:
         print(

@@ -23,9 +23,18 @@ _DS_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16
 
 def deepspeed_config(cfg: Config, layout: BatchLayout) -> dict[str, Any]:
     dtype, accum = precision(cfg), _DS_DTYPE[grad_accum_dtype(cfg)]
-    zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
-    if cfg.parallel.zero_stage == 3:
-        zero["stage3_param_persistence_threshold"] = cfg.parallel.zero3_param_persistence_threshold
+    par = cfg.parallel
+    zero: dict[str, Any] = {"stage": par.zero_stage}
+    if par.zero_stage:
+        zero.update(
+            overlap_comm=par.overlap_comm,
+            contiguous_gradients=par.contiguous_gradients,
+            reduce_bucket_size=par.reduce_bucket_size,
+        )
+    if par.zero_stage in (1, 2):
+        zero["allgather_bucket_size"] = par.allgather_bucket_size
+    if par.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = par.zero3_param_persistence_threshold
     return {
         "train_batch_size": layout.global_batch,
         "train_micro_batch_size_per_gpu": layout.micro_batch,

@@ -1,10 +1,9 @@
 """`megatron-dyt train`: the training loop around a DeepSpeed engine.
 
-Data order: global batch c holds train samples [c·B, (c+1)·B) (B the global batch in sequences);
-micro-batch j of data-parallel rank r takes samples c·B + (j·DP + r)·m … + m. A data cursor,
-saved in every checkpoint, says which batch the next step takes: normally the step number, one
-further for every batch left out after a NaN/Inf loss. The samples of a step do not depend on DP,
-so resumed and rescaled runs see the same data; TP and PP peers of a rank read the same samples.
+Data position: a data cursor, saved in every checkpoint, says which global batch the next step
+takes (the order of samples within batches: `training/batches.py`): normally the step number,
+one further for every batch left out after a NaN/Inf loss, so resumed and rescaled runs see the
+same data.
 """
 
 from __future__ import annotations
@@ -29,8 +28,9 @@ from megatron_dyt.checkpoint.format import GROUPING_KEY
 from megatron_dyt.config import Config, load_config
 from megatron_dyt.errors import MegatronDyTError
 from megatron_dyt.fileio import atomic_write
-from megatron_dyt.layout import BatchLayout, batch_layout, data_parallel_size, run_layout
+from megatron_dyt.layout import batch_layout, data_parallel_size, run_layout
 from megatron_dyt.model.groups import GROUPING
+from megatron_dyt.training.batches import StepBatches
 from megatron_dyt.training.engine import build_model, deepspeed_config, initialize
 from megatron_dyt.training.metrics import (
     MetricsWriter,
@@ -174,35 +174,6 @@ def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
-
-
-# ---- data --------------------------------------------------------------------------------------
-
-
-class StepBatches:
-    """The micro-batches of one optimizer step for this data-parallel rank."""
-
-    def __init__(self, dataset, layout: BatchLayout, dp_rank: int, device: torch.device):
-        self.dataset = dataset
-        self.layout = layout
-        self.dp_rank = dp_rank
-        self.device = device
-
-    def micro_batch(self, first_sample: int) -> tuple[torch.Tensor, torch.Tensor]:
-        samples = [
-            self.dataset[i] for i in range(first_sample, first_sample + self.layout.micro_batch)
-        ]
-        tokens = torch.stack([torch.as_tensor(s["tokens"], dtype=torch.long) for s in samples])
-        labels = torch.stack([torch.as_tensor(s["labels"], dtype=torch.long) for s in samples])
-        return tokens.to(self.device), labels.to(self.device)
-
-    def for_step(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        lay = self.layout
-        base = batch * lay.global_batch
-        return [
-            self.micro_batch(base + (j * lay.data_parallel + self.dp_rank) * lay.micro_batch)
-            for j in range(lay.grad_accum)
-        ]
 
 
 # ---- the loop ----------------------------------------------------------------------------------
@@ -422,7 +393,7 @@ class Trainer:
         )
         self.pipeline = cfg.parallel.pipeline > 1
         device, dp_rank = _device(), ps.get_data_parallel_rank()
-        self.batches = StepBatches(train_ds, self.layout, dp_rank, device)
+        self.batches = StepBatches(train_ds, self.layout, dp_rank, device, read_ahead=True)
         self.valid = (
             StepBatches(valid_ds, self.layout, dp_rank, device)
             if valid_ds is not None and self.eval_batches
@@ -590,7 +561,8 @@ class Trainer:
             "layout": asdict(run_layout(self.cfg, self.world)),
             GROUPING_KEY: GROUPING,
         }
-        return checkpoint.save(
+        t0 = time.perf_counter()
+        folder = checkpoint.save(
             self.engine,
             self.ckpt_root,
             pos.step,
@@ -599,6 +571,28 @@ class Trainer:
             self.tokenizer.path,
             self.cfg.train.keep_checkpoints,
         )
+        if self.is_rank0:  # every rank's files are written: the save ends with a barrier
+            self._report_save(folder, time.perf_counter() - t0)
+        return folder
+
+    def _report_save(self, folder: Path, seconds: float) -> None:
+        """How long the GPUs waited for the checkpoint and at what rate it was written: to
+        metrics.jsonl, and as a plain line where no terminal reads."""
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        event = {
+            "event": "checkpoint",
+            "path": str(folder),
+            "seconds": seconds,
+            "gigabytes": size / 1e9,
+            "gigabytes_per_s": size / 1e9 / max(seconds, 1e-9),
+        }
+        self.writer.write(self.position.step, event)
+        if self.lines:
+            print(
+                f"checkpoint step {self.position.step}: {size / 1e9:.2f} GB in {seconds:.1f} s"
+                f" ({event['gigabytes_per_s']:.2f} GB/s) {folder}",
+                flush=True,
+            )
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -651,6 +645,7 @@ class Trainer:
                     self.run_dir, state, self.position.step, total, signal=self.stop.signal
                 )
         finally:
+            self.batches.close()
             self.stop.restore()
             self.writer.close()
             if self.bar is not None:
