@@ -117,6 +117,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from megatron_dyt.config import config_from_dict
     from megatron_dyt.info import summarize
     from megatron_dyt.training import trainer
+    from megatron_dyt.training.metrics import flops_per_token, peak_tflops
 
     cache = Path(args.cache)
     tree = config_tree(args.variant, args.steps, demo_data(cache), args.tiny, args.save_at)
@@ -152,6 +153,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     folder = result.checkpoint
     ckpt_bytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder else 0
     info = summarize(cfg, gpus=1)
+    tokens_per_s = tokens / (ms / 1e3) if ms else None
+    # model TFLOP/s and MFU as the trainer's log line counts them; `info` reads the MFU back
+    tflops = flops_per_token(cfg, info["parameters"]) * tokens_per_s / 1e12 if ms else None
+    peak = peak_tflops(cfg)
     return {
         "variant": args.variant,
         "norm": cfg.model.norm.kind,
@@ -163,7 +168,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "steps": len(step_s),
         "timed_steps": len(timed),
         "ms_per_step": ms,
-        "tokens_per_s": tokens / (ms / 1e3) if ms else None,
+        "tokens_per_s": tokens_per_s,
+        "tflops_per_gpu": tflops,
+        "mfu": tflops / peak if tflops and peak else None,
         "first_step_s": step_s[0] if step_s else None,
         # the measured peak next to `info`'s estimate of it (docs/design.md §11): allocated
         # tensors, what the estimate counts, and what the caching allocator reserved

@@ -34,3 +34,11 @@ def positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number")
     return value
+
+
+def fraction(text: str) -> float:
+    """A number in (0, 1], such as an MFU."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a fraction in (0, 1], e.g. 0.4")
+    return value

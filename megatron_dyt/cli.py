@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from megatron_dyt import __version__
-from megatron_dyt.arguments import positive_float, positive_int
+from megatron_dyt.arguments import fraction, positive_float, positive_int
 from megatron_dyt.errors import MegatronDyTError, UsageError
 
 
@@ -28,9 +28,19 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def cmd_info(args: argparse.Namespace) -> int:
     from megatron_dyt.config import load_config
     from megatron_dyt.info import format_summary, summarize
+    from megatron_dyt.training.metrics import PEAK_TFLOPS
 
+    if args.gpu is not None and args.gpu.upper() not in PEAK_TFLOPS:
+        raise UsageError(f"--gpu {args.gpu}: expected one of {', '.join(PEAK_TFLOPS)}")
     cfg = load_config(args.config, args.overrides)
-    info = summarize(cfg, gpus=args.gpus, gpu_memory=args.gpu_memory)
+    info = summarize(
+        cfg,
+        gpus=args.gpus,
+        gpu_memory=args.gpu_memory,
+        tokens=args.tokens,
+        mfu=args.mfu,
+        gpu=args.gpu and args.gpu.upper(),
+    )
     if args.build:
         info["smoke_test"] = _smoke_test(cfg, info["parameters"])
     if args.json:
@@ -178,6 +188,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="GIB",
         help="memory of one GPU in GiB, for the fit check (default: this machine's GPU, else 80)",
+    )
+    info.add_argument(
+        "--tokens",
+        type=positive_float,
+        default=None,
+        help="tokens to train on, for the time estimate, e.g. 2e11 (default: train.train_steps"
+        " steps)",
+    )
+    info.add_argument(
+        "--mfu",
+        type=fraction,
+        default=None,
+        help="model FLOPs utilisation for the time estimate, in (0, 1] (default: the best the"
+        " trainer measured on that GPU in benchmarks/results, else 0.4)",
+    )
+    info.add_argument(
+        "--gpu",
+        default=None,
+        metavar="MODEL",
+        help="GPU model whose peak TFLOP/s the time estimate uses: H100, H200, A100, …"
+        " (default: this machine's, else H100; train.peak_tflops overrides the peak)",
     )
     info.add_argument(
         "--build",

@@ -9,12 +9,18 @@ gradient-reduction bucket and the optimizer step's fp32 gradient partition. The 
 larger of the backward's and the optimizer step's. It counts tensors (what
 `torch.cuda.max_memory_allocated` reports), not the CUDA context or allocator fragmentation, so
 a config fits when the estimate is at most `USABLE_FRACTION` of the GPU's memory.
+
+The time estimate (`time_estimate`) divides the run's model FLOPs (`flops_per_token`, as MFU is
+quoted) by the GPUs' peak at an MFU: one given, else the best the trainer reached on that GPU
+model in `benchmarks/results/train-<gpu>.json`, else `DEFAULT_MFU`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -305,6 +311,151 @@ def memory_estimate(
     return best
 
 
+# ---- how long it takes ------------------------------------------------------------------------
+
+DEFAULT_MFU = 0.40  # what well-tuned Megatron-style training reaches at scale (design §11)
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def default_gpu() -> str:
+    """This machine's GPU model when `PEAK_TFLOPS` knows it, else H100."""
+    from megatron_dyt.training.metrics import PEAK_TFLOPS
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        return next((k for k in PEAK_TFLOPS if k in name), "H100")
+    return "H100"
+
+
+def measured_mfu(gpu: str) -> tuple[float | None, str]:
+    """(the best MFU the trainer measured on `gpu`, its source), or (None, why not)."""
+    path = RESULTS / f"train-{gpu.lower()}.json"
+    try:
+        rows = json.loads(path.read_text()).get("rows", [])
+    except (OSError, ValueError, AttributeError):
+        return None, f"no trainer measurement for {gpu} in benchmarks/results"
+    mfus = [r["mfu"] for r in rows if isinstance(r, dict) and isinstance(r.get("mfu"), float)]
+    if not mfus:
+        return None, f"no trainer measurement for {gpu} in benchmarks/results"
+    return max(mfus), f"the best the trainer measured on one {gpu} ({path.name})"
+
+
+def time_estimate(
+    cfg: Config,
+    parameters: int,
+    gpus: int,
+    tokens: float | None = None,
+    mfu: float | None = None,
+    gpu: str | None = None,
+) -> dict[str, Any]:
+    """Steps, FLOPs, wall time and GPU-hours of training `cfg` on `gpus` GPUs for `tokens`
+    tokens (default: `train.train_steps` steps) at `mfu` (default: `measured_mfu`, else
+    `DEFAULT_MFU`) of `gpu`'s peak (`train.peak_tflops` when set)."""
+    from megatron_dyt.training.metrics import PEAK_TFLOPS, flops_per_token
+
+    gpu = gpu or default_gpu()
+    if gpu not in PEAK_TFLOPS:
+        raise ValueError(f"gpu={gpu!r}: expected one of {', '.join(PEAK_TFLOPS)}")
+    if mfu is not None and not 0 < mfu <= 1:
+        raise ValueError(f"mfu={mfu!r}: expected a fraction in (0, 1]")
+    peak = cfg.train.peak_tflops or PEAK_TFLOPS[gpu]
+    if mfu is not None:
+        source = "given"
+    else:
+        mfu, source = measured_mfu(gpu)
+        if mfu is None:
+            mfu, source = DEFAULT_MFU, f"assumed: {source}"
+    per_step = cfg.train.global_batch_tokens
+    steps = math.ceil(tokens / per_step) if tokens else cfg.train.train_steps
+    per_token = flops_per_token(cfg, parameters)
+    flops = per_token * steps * per_step
+    seconds = flops / (gpus * peak * 1e12 * mfu)
+    return {
+        "tokens_per_step": per_step,
+        "steps": steps,
+        "tokens": steps * per_step,
+        "flops_per_token": per_token,
+        "flops": flops,
+        "gpus": gpus,
+        "gpu": gpu,
+        "peak_tflops": peak,
+        "mfu": mfu,
+        "mfu_source": source,
+        "seconds": seconds,
+        "gpu_hours": seconds * gpus / 3600,
+    }
+
+
+def parameter_count(cfg: Config, _cache: dict[str, int] = {}) -> int:  # noqa: B006 - memo
+    """The model's parameters, counted on the meta device once per shape (a sweep's cells
+    differ mostly in α₀, which does not change the count)."""
+    tree = cfg.to_dict()
+    model = {k: v for k, v in tree["model"].items() if k != "name"}
+    model["norm"] = {k: v for k, v in model["norm"].items() if not k.startswith("alpha")}
+    key = json.dumps([model, cfg.padded_vocab_size], sort_keys=True)
+    if key not in _cache:
+        _cache[key] = sum(p.numel() for p in build_meta_model(cfg).parameters())
+    return _cache[key]
+
+
+def sweep_time(
+    cfgs: list[Config], gpus_per_run: int | None = None, gpu: str | None = None
+) -> dict[str, Any]:
+    """Totals of `time_estimate` over a sweep's runs, each on `gpus_per_run` GPUs (default:
+    its TP × PP)."""
+    rows = [
+        time_estimate(
+            cfg,
+            parameter_count(cfg),
+            gpus_per_run or cfg.parallel.tensor * cfg.parallel.pipeline,
+            gpu=gpu,
+        )
+        for cfg in cfgs
+    ]
+    return {
+        "runs": len(rows),
+        "tokens": sum(r["tokens"] for r in rows),
+        "flops": sum(r["flops"] for r in rows),
+        "gpu_hours": sum(r["gpu_hours"] for r in rows),
+        "longest_run_seconds": max((r["seconds"] for r in rows), default=0.0),
+        "gpu": rows[0]["gpu"] if rows else gpu,
+        "mfu": rows[0]["mfu"] if rows else None,
+        "mfu_source": rows[0]["mfu_source"] if rows else None,
+    }
+
+
+def format_sweep_time(t: dict[str, Any]) -> str:
+    return (
+        f"time: {t['runs']} runs, {t['tokens']:.3g} tokens, {t['flops']:.3g} FLOPs in all; at"
+        f" {t['mfu']:.0%} MFU ({t['mfu_source']}) of {t['gpu']}: {_gpu_hours(t['gpu_hours'])},"
+        f" the longest run {format_duration(t['longest_run_seconds'])}"
+    )
+
+
+def _gpu_hours(hours: float) -> str:
+    return f"{hours:,.0f} GPU-hours" if hours >= 10 else f"{hours * 60:,.1f} GPU-minutes"
+
+
+def format_duration(seconds: float) -> str:
+    """`3 d 04:05`, `4:05 h` (hours and minutes) or `12.5 s`."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes = round(seconds / 60)
+    days, rest = divmod(minutes, 24 * 60)
+    hours, mins = divmod(rest, 60)
+    return f"{days} d {hours:02d}:{mins:02d}" if days else f"{hours}:{mins:02d} h"
+
+
+def format_time(t: dict[str, Any]) -> str:
+    return (
+        f"time: {t['steps']:,} steps × {t['tokens_per_step']:,} tokens = {t['tokens']:.3g}"
+        f" tokens, {t['flops']:.3g} FLOPs ({t['flops_per_token']:.3g} per token)\n"
+        f"  at {t['mfu']:.0%} MFU ({t['mfu_source']}) of {t['gpu']}'s {t['peak_tflops']:g}"
+        f" TFLOP/s on {t['gpus']} GPUs: {format_duration(t['seconds'])},"
+        f" {_gpu_hours(t['gpu_hours'])}"
+    )
+
+
 # ---- does it fit ----------------------------------------------------------------------------
 
 
@@ -456,10 +607,16 @@ def _block_rows(model: nn.Module) -> list[tuple[str, str, int]]:
 
 
 def summarize(
-    cfg: Config, gpus: int | None = None, gpu_memory: float | None = None
+    cfg: Config,
+    gpus: int | None = None,
+    gpu_memory: float | None = None,
+    tokens: float | None = None,
+    mfu: float | None = None,
+    gpu: str | None = None,
 ) -> dict[str, Any]:
     """Everything `info` prints, as one JSON-able dict. `gpu_memory` (GiB) is what the fit
-    check compares with; default: this machine's GPU, else `DEFAULT_GPU_MEMORY_GIB`."""
+    check compares with; default: this machine's GPU, else `DEFAULT_GPU_MEMORY_GIB`. `tokens`,
+    `mfu` and `gpu` are `time_estimate`'s."""
     model = build_meta_model(cfg)
     total = sum(p.numel() for p in model.parameters())
     model_parallel = cfg.parallel.tensor * cfg.parallel.pipeline
@@ -527,6 +684,7 @@ def summarize(
             "block_activations_gib": round(sum(block_activation_bytes(cfg).values()) / GIB, 4),
         },
         "fit": fit_check(cfg, stage_params, dp, block_params, mem.total / GIB, memory_gib, source),
+        "time": time_estimate(cfg, total, gpus, tokens, mfu, gpu),
     }
 
 
@@ -582,5 +740,7 @@ def format_summary(info: dict[str, Any]) -> str:
         fit["message"],
         f"  GPU memory {fit['gpu_memory_gib']:g} GiB ({fit['gpu_memory_source']}), of which"
         f" {USABLE_FRACTION:.0%} is counted usable",
+        "",
+        format_time(info["time"]),
     ]
     return "\n".join(lines)

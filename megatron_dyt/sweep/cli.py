@@ -14,7 +14,7 @@ from typing import Any
 from megatron_dyt.arguments import positive_int
 from megatron_dyt.sweep.runner import run_local, run_one
 from megatron_dyt.sweep.slurm_array import array_script, requeue_array_task, submit
-from megatron_dyt.sweep.spec import format_value
+from megatron_dyt.sweep.spec import format_value, load_spec, validate
 from megatron_dyt.sweep.state import prepare, read_status, skip_reason
 
 
@@ -27,11 +27,21 @@ def _plan_table(sweep_dir: Path, plan: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def _time_line(args: argparse.Namespace) -> str:
+    """The sweep's total GPU-hours (`info`'s time estimate of every run)."""
+    from megatron_dyt.info import format_sweep_time, sweep_time
+
+    cfgs = [cfg for _, cfg in validate(load_spec(args.spec))]
+    return format_sweep_time(sweep_time(cfgs, args.gpus_per_run))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """`sweep run`: prepare the folder, then train locally or submit one job array."""
     sweep_dir = Path(args.out or Path("runs") / f"sweep-{Path(args.spec).stem}")
     plan = prepare(args.spec, sweep_dir, write=not args.dry_run)
     print(f"sweep {args.spec}: {len(plan)} runs in {sweep_dir}", file=sys.stderr, flush=True)
+    if args.dry_run:
+        print(_time_line(args), file=sys.stderr, flush=True)
     if args.slurm:
         pending = [e["index"] for e in plan if not skip_reason(sweep_dir, e, args.retry_diverged)]
         if not pending:
