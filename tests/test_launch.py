@@ -84,6 +84,84 @@ def test_70b_script_on_16_nodes_of_8_gpus():
     assert subprocess.run([bash, "-n"], input=script, text=True).returncode == 0  # valid bash
 
 
+def test_cluster_ready_resources_environment_and_setup(tmp_path):
+    """Whole GPU nodes by default, threads from the task's CPUs, the site's environment and
+    setup lines before the launch, node-local compile caches, a free rendezvous port, and the
+    failure requeue limit."""
+    from megatron_dyt.config import load_config
+
+    cfg = load_config(ROOT / "configs/llama-7b-dyt.yaml")
+    setup = tmp_path / "site.sh"
+    setup.write_text("module load cuda/12.8\nsource /opt/conda/bin/activate train\n")
+    opts = SlurmOptions(nodes=2, env=["NCCL_IB_HCA=mlx5", "NOTE=a b"], setup=setup, max_requeues=5)
+    script, _ = render(cfg, Path("/r"), opts, stamp="S", python="/py")
+    for line in [
+        "#SBATCH --exclusive",
+        "#SBATCH --mem=0",
+        "CPUS=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-8}}",
+        "THREADS=$((CPUS / 8))",
+        "export NCCL_IB_HCA=mlx5",
+        "export NOTE='a b'",
+        "module load cuda/12.8\nsource /opt/conda/bin/activate train",
+        "export TRITON_CACHE_DIR=$LOCAL_CACHE/triton TORCHINDUCTOR_CACHE_DIR=$LOCAL_CACHE/inductor",
+        's.bind(("", 0))',
+        'if [ "$FAILS" -lt 5 ]; then',
+    ]:
+        assert line in script, line
+    assert script.index("module load") < script.index("srun --ntasks-per-node")
+    assert "20000 + SLURM_JOB_ID" not in script
+    plain, _ = render(
+        cfg,
+        Path("/r"),
+        SlurmOptions(nodes=1, exclusive=False, cpus_per_task=32, mem="500G"),
+        python="/py",
+    )
+    assert "#SBATCH --exclusive" not in plain and "#SBATCH --cpus-per-task=32" in plain
+    assert "#SBATCH --mem=500G" in plain
+    cpu, _ = render(
+        cfg.model_copy(update={"parallel": cfg.parallel}),
+        Path("/r"),
+        SlurmOptions(nodes=8, gpus_per_node=0, procs_per_node=1),
+        python="/py",
+    )
+    assert "#SBATCH --exclusive" not in cpu and "#SBATCH --mem" not in cpu  # CPU: shared
+    for bash_script in (script, plain, cpu):
+        assert subprocess.run(["bash", "-n"], input=bash_script, text=True).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "opts,message",
+    [
+        (SlurmOptions(env=["1X=2"]), "--env '1X=2': expected KEY=VALUE"),
+        (SlurmOptions(env=["NOVALUE"]), "--env 'NOVALUE': expected KEY=VALUE"),
+        (SlurmOptions(setup=Path("/nonexistent/site.sh")), "--setup /nonexistent/site.sh"),
+        (SlurmOptions(max_requeues=-1), "--max-requeues=-1"),
+    ],
+)
+def test_bad_cluster_options_name_the_option(opts, message):
+    from megatron_dyt.config import load_config
+    from megatron_dyt.launch.slurm import SlurmError
+
+    cfg = load_config(ROOT / "configs/llama-7b-dyt.yaml")
+    with pytest.raises(SlurmError) as exc:
+        render(cfg, Path("/r"), opts, python="/py")
+    assert message in str(exc.value)
+
+
+@pytest.mark.parametrize("code,expected", [(2, 2), (1, 1), (0, 0)])
+def test_the_node_launcher_exits_2_only_for_bad_input(tmp_path, code, expected):
+    """torchrun exits 1 for any failed worker; the node launcher keeps a worker's 2 (bad input,
+    which the sbatch script does not requeue) apart from crashes."""
+    script = tmp_path / "worker.py"
+    script.write_text(f"import sys\nsys.exit({code})\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_dyt.launch.node", "--standalone", "--nproc-per-node=1",
+         str(script)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == expected, proc.stderr[-2000:]
+
+
 def test_srun_launcher_starts_one_task_per_gpu():
     from megatron_dyt.config import load_config
 
@@ -196,7 +274,9 @@ def reference(tmp_path_factory, corpus):
     return config, losses(tmp / "run")
 
 
-def release_after_requeue(cluster: Cluster, job: str, timeout: float = 300) -> None:
+def release_after_requeue(
+    cluster: Cluster, job: str, timeout: float = 300, restarts: int = 1
+) -> None:
     """Start a requeued job as soon as SLURM allows it, not at the next scheduler pass.
 
     SLURM holds a requeued batch job until its EligibleTime (requeue + cred_expire + 1 s, 11 s on
@@ -205,7 +285,7 @@ def release_after_requeue(cluster: Cluster, job: str, timeout: float = 300) -> N
     deadline = time.time() + timeout
     while time.time() < deadline:
         state = cluster.job_state(job)
-        if int(state.get("Restarts", 0)) >= 1 and state.get("JobState") == "PENDING":
+        if int(state.get("Restarts", 0)) >= restarts and state.get("JobState") == "PENDING":
             try:
                 begin = time.mktime(time.strptime(state["EligibleTime"], "%Y-%m-%dT%H:%M:%S"))
             except (KeyError, ValueError):  # no begin time shown: wait out the credential
@@ -270,9 +350,84 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, corpus, tmp_pat
     assert "requeueing job" in log and "resuming from" in log
     stopped_at = int(log.split("saved ")[1].split("step_")[1].split(",")[0])
     assert 3 <= stopped_at < steps  # it stopped early, with a checkpoint ...
-    got = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    got = [r["step"] for r in records if "event" not in r]  # not the checkpoint events
     assert got == list(range(1, steps + 1))  # ... and no step was lost or repeated
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+
+
+@pytest.mark.slurm
+def test_killed_job_requeues_and_resumes_logging_each_step_once(cluster, corpus, tmp_path):
+    """kill -9 of the training processes mid-run (a crash, not a signal it can answer): the
+    job requeues itself, resumes from the latest checkpoint and finishes; the steps the crash
+    took past that checkpoint are taken again and logged once."""
+    steps = 30
+    config = write_config(tmp_path, corpus, train_steps=steps, save_interval=4)
+    run_dir = tmp_path / "run"
+    job = submit(
+        cluster, str(config), "--nodes", "2", "--gpus-per-node", "0", "--nproc-per-node", "1",
+        "--run-dir", str(run_dir),
+    )  # fmt: skip
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not (latest.exists() and latest.read_text().strip() >= "step_0000006"):
+        assert time.time() < deadline, "the job never saved a checkpoint"
+        time.sleep(0.2)
+    workers = [
+        pid
+        for pid in _processes_mentioning(str(run_dir))
+        if "megatron_dyt.cli" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        and b"megatron_dyt.launch.node" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert workers
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    release_after_requeue(cluster, job)
+    state = cluster.wait(job)
+    log = (run_dir / "logs" / f"slurm-{job}.out").read_text()
+    assert state["JobState"] == "COMPLETED", log[-3000:] + cluster.diagnostics(job)
+    assert int(state["Restarts"]) == 1, log[-3000:]
+    assert "training failed (exit " in log and "); requeueing job" in log
+    assert "resuming from" in log
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "event" not in r] == list(range(1, steps + 1))
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+
+
+@pytest.mark.slurm
+def test_a_job_that_fails_every_time_stops_after_max_requeues(cluster, corpus, tmp_path):
+    """A crash with no newer checkpoint each time (here the site's setup breaks the launch)
+    requeues --max-requeues times, then the job ends, the reason in its log; a config error
+    (exit 2) is not requeued at all."""
+    config = write_config(tmp_path, corpus)
+    setup = tmp_path / "broken-site.sh"
+    setup.write_text('srun() { echo "simulated crash of the launch" >&2; return 1; }\n')
+    run_dir = tmp_path / "run"
+    job = submit(
+        cluster, str(config), "--nodes", "1", "--gpus-per-node", "0", "--nproc-per-node", "1",
+        "--run-dir", str(run_dir), "--setup", str(setup), "--max-requeues", "2",
+    )  # fmt: skip
+    for restart in (1, 2):
+        release_after_requeue(cluster, job, restarts=restart)
+    state = cluster.wait(job)
+    log = (run_dir / "logs" / f"slurm-{job}.out").read_text()
+    assert state["JobState"] == "FAILED" and int(state["Restarts"]) == 2, log[-3000:]
+    assert log.count("simulated crash of the launch") == 3
+    assert "failed requeue 2 of 2" in log
+    assert "training failed (exit 1) 2 requeue(s) in a row without progress" in log
+
+    broken = job_config(corpus)
+    broken["data"]["paths"] = [str(tmp_path / "no-such-dataset")]  # found missing at start
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
+    bad = tmp_path / "bad"
+    job = submit(
+        cluster, str(tmp_path / "broken.yaml"), "--nodes", "1", "--gpus-per-node", "0",
+        "--nproc-per-node", "1", "--run-dir", str(bad),
+    )  # fmt: skip
+    state = cluster.wait(job)
+    log = (bad / "logs" / f"slurm-{job}.out").read_text()
+    assert state["JobState"] == "FAILED" and int(state["Restarts"]) == 0, log[-3000:]
+    assert "training exited with 2" in log and "requeueing" not in log
 
 
 @pytest.mark.slurm

@@ -447,3 +447,21 @@ def test_at_most_one_host_sync_per_step_outside_log_steps(corpus, tmp_path):
     quiet = {s: calls for s, calls in per_step.items() if s % 3 and s % 5 and s != 7}
     assert quiet and all(len(c) == 1 for c in quiet.values()), quiet  # the loss and stop flag
     assert all(len(per_step[s]) > 1 for s in (3, 5, 6, 7)), per_step  # grad norm, statistics
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    """After a crash a run resumes from its last checkpoint (step 3 here) and takes steps 4-5
+    again: their old records, and a line the crash cut short, are dropped when it reopens the
+    log; earlier records and events stay."""
+    from megatron_dyt.training.metrics import MetricsWriter
+
+    cfg = config_from_dict(train_dict({"tokenizer": "t", "prefix": "p", "cache": "c"}))
+    path = tmp_path / "metrics.jsonl"
+    old = [{"step": s, "loss": 5.0 - s} for s in range(1, 6)]
+    old.insert(3, {"step": 3, "event": "checkpoint", "seconds": 1.0})
+    path.write_text("".join(json.dumps(r) + "\n" for r in old) + '{"step": 6, "lo')
+    writer = MetricsWriter(tmp_path, cfg, enabled=True, start_step=3)
+    writer.write(4, {"loss": 0.25})
+    writer.close()
+    records = [json.loads(x) for x in path.read_text().splitlines()]
+    assert records == [*old[:4], {"step": 4, "loss": 0.25}]

@@ -29,9 +29,14 @@ def cmd_slurm(args: argparse.Namespace) -> int:
         time=args.time,
         qos=args.qos,
         cpus_per_task=args.cpus_per_task,
+        mem=args.mem,
+        exclusive=args.exclusive,
         job_name=args.job_name,
         signal_seconds=args.signal_seconds,
         requeue=not args.no_requeue,
+        max_requeues=args.max_requeues,
+        env=args.env,
+        setup=Path(args.setup) if args.setup else None,
         extra=args.sbatch,
     )
     launch(cfg, _run_dir(args), opts, ["megatron-dyt", *sys.argv[1:]], dry_run=args.dry_run)
@@ -82,7 +87,41 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
     slurm.add_argument("--account")
     slurm.add_argument("--time", help="time limit, e.g. 2-00:00:00")
     slurm.add_argument("--qos")
-    slurm.add_argument("--cpus-per-task", type=positive_int)
+    slurm.add_argument(
+        "--cpus-per-task",
+        type=positive_int,
+        help="CPUs for each node's task (default: all of the node's under --exclusive);"
+        " OMP_NUM_THREADS is this divided by the processes per node",
+    )
+    slurm.add_argument(
+        "--mem", help="memory per node, as sbatch takes it (default: 0 = all, under --exclusive)"
+    )
+    slurm.add_argument(
+        "--exclusive",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whole nodes (default: on when --gpus-per-node > 0)",
+    )
+    slurm.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="export this in the job before the launch, e.g. NCCL_IB_HCA=mlx5 (repeatable)",
+    )
+    slurm.add_argument(
+        "--setup",
+        metavar="FILE",
+        help="shell lines run before the launch (module load, conda activate, NCCL settings);"
+        " copied into the script at submission",
+    )
+    slurm.add_argument(
+        "--max-requeues",
+        type=non_negative_int,
+        default=3,
+        help="requeue after a crash at most this many times in a row without a newer"
+        " checkpoint (default: 3); bad input (exit 2) is never requeued",
+    )
     slurm.add_argument("--job-name", help="default: model.name")
     slurm.add_argument(
         "--signal-seconds",

@@ -8,6 +8,9 @@ the agent and, with it, the workers before they save. This runs torchrun's own e
 this process after installing a handler that sends SIGUSR1 to the worker processes (this
 process's children); the trainer then saves a checkpoint and exits 0, and torchrun returns 0.
 SIGTERM (`scancel`, `scontrol requeue`) keeps torchrun's behaviour: it passes it on itself.
+
+torchrun exits 1 whatever its workers exited with; this exits 2 when every failed worker
+exited 2 (bad input: the sbatch script does not requeue a job for that), else 1.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def _forward(signum: int, _frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     signal.signal(signal.SIGUSR1, _forward)
@@ -51,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         sig = signal.Signals(exc.sigval)
         print(f"launch: stopped by {sig.name}; the workers were sent it too", file=sys.stderr)
         return 128 + sig.value
+    except ChildFailedError as exc:
+        print(exc.format_msg(), file=sys.stderr)
+        codes = {failure.exitcode for failure in exc.failures.values()}
+        return 2 if codes == {2} else 1
     return 0
 
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_dyt.config import Config
+from megatron_dyt.fileio import atomic_write
 from megatron_dyt.model import norm_names
 from megatron_dyt.norms import Derf, DyT, LayerNorm, RMSNorm, stat_names
 
@@ -177,19 +178,24 @@ def log_line(
 
 
 class MetricsWriter:
-    """Rank 0 writes metrics.jsonl, TensorBoard events and (optionally) W&B."""
+    """Rank 0 writes metrics.jsonl, TensorBoard events and (optionally) W&B.
 
-    def __init__(self, run_dir: Path, cfg: Config, enabled: bool):
+    A run resumed at step N after a crash has logged steps past N that it will take again:
+    their records are dropped first (TensorBoard's too), so every step is in the log once.
+    """
+
+    def __init__(self, run_dir: Path, cfg: Config, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.tb = None
         self.wandb = None
         if not enabled:
             return
         self.path = run_dir / "metrics.jsonl"
+        _drop_records_after(self.path, start_step)
         self.file = open(self.path, "a")  # noqa: SIM115 - kept open for the run
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
         if cfg.train.wandb_project:
             try:
                 import wandb
@@ -228,6 +234,26 @@ class MetricsWriter:
         self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """Rewrite metrics.jsonl (atomically) without the records of steps after `step`; a line
+    a crash cut short is dropped too."""
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            keep = isinstance(record, dict) and int(record.get("step", 0)) <= step
+        except (ValueError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write(path, "".join(f"{line}\n" for line in kept))
 
 
 def _wandb_id(run_dir: Path) -> str:

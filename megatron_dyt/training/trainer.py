@@ -603,7 +603,9 @@ class Trainer:
         self.resume()
         result = TrainResult(self.run_dir, start_step=self.position.step, step=self.position.step)
         self.stats = NormStats(self.model, cfg, _device())
-        self.writer = MetricsWriter(self.run_dir, cfg, enabled=self.is_rank0)
+        self.writer = MetricsWriter(
+            self.run_dir, cfg, enabled=self.is_rank0, start_step=self.position.step
+        )
         self.stop = _StopFlag()
         # a progress bar on a terminal; plain lines where no terminal reads (SLURM logs)
         on_terminal = self.progress and sys.stderr.isatty()
