@@ -334,6 +334,12 @@ class TrainConfig(_Section):
     save_interval: int = Field(
         1000, ge=0, description="Steps between checkpoints (0: only at the end)."
     )
+    save_interval_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="Also save when this many minutes have passed since the last save (rank"
+        " 0's clock), so a crash or a pre-emption loses at most that much; null: by steps only.",
+    )
     keep_checkpoints: int = Field(3, ge=1, description="The newest K checkpoints are kept.")
     eval_interval: int = Field(
         1000, ge=0, description="Steps between validation losses (0: never)."

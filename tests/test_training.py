@@ -465,3 +465,19 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
     writer.close()
     records = [json.loads(x) for x in path.read_text().splitlines()]
     assert records == [*old[:4], {"step": 4, "loss": 0.25}]
+
+
+@pytest.mark.distributed
+def test_checkpoints_on_a_clock(corpus, tmp_path):
+    """train.save_interval_minutes: a save whenever that much time has passed on rank 0's
+    clock, decided in the step's one all-reduce so both ranks save together (a few
+    milliseconds here: every step)."""
+    cfg = train_dict(corpus, save_interval=0, train_steps=4, save_interval_minutes=1e-5)
+    distributed.run(_train, 2, cfg, str(tmp_path / "run"), tmp_path=tmp_path)
+    records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("event") == "checkpoint"] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").glob("step_*")) == [
+        "step_0000002",
+        "step_0000003",
+        "step_0000004",
+    ]  # keep_checkpoints: 3

@@ -226,10 +226,13 @@ def _train_step(engine, batches: list, pipeline: bool) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
-def _agree(loss: torch.Tensor, stopping: bool, pipeline: bool) -> tuple[float, bool]:
-    """(the step's loss averaged over DP, whether any rank got a stop signal): one all-reduce
-    and the step's only host sync outside log steps. Each DP replica's loss is counted once
-    (TP peers hold copies; with PP every rank holds DeepSpeed's average)."""
+def _agree(
+    loss: torch.Tensor, stopping: bool, save_due: bool, pipeline: bool
+) -> tuple[float, bool, bool]:
+    """(the step's loss averaged over DP, whether any rank got a stop signal, whether any rank
+    says a save is due): one all-reduce and the step's only host sync outside log steps. Each DP
+    replica's loss is counted once (TP peers hold copies; with PP every rank holds DeepSpeed's
+    average)."""
     if pipeline:
         counted, replicas = dist.get_rank() == 0, 1
     else:
@@ -238,10 +241,10 @@ def _agree(loss: torch.Tensor, stopping: bool, pipeline: bool) -> tuple[float, b
             ps.get_data_parallel_world_size(),
         )
     mine = loss.float() if counted else torch.zeros_like(loss, dtype=torch.float32)
-    values = torch.stack([mine, mine.new_tensor(float(stopping))])
+    values = torch.stack([mine, mine.new_tensor(float(stopping)), mine.new_tensor(float(save_due))])
     dist.all_reduce(values)
-    total, signals = values.tolist()
-    return total / replicas, signals > 0
+    total, signals, saves = values.tolist()
+    return total / replicas, signals > 0, saves > 0
 
 
 @torch.no_grad()
@@ -407,6 +410,7 @@ class Trainer:
         self.progress = progress
         self.stats = self.writer = self.stop = self.bar = self.timer = None
         self.lines = False
+        self.last_save = time.monotonic()
 
     # ---- the steps of the loop ---------------------------------------------------------------
 
@@ -435,17 +439,22 @@ class Trainer:
             how = " (resharded to this layout)" if self.resharded else ""
             print(f"resuming from {folder} (step {self.position.step}){how}", flush=True)
 
-    def train_step(self, record_stats: bool) -> tuple[float, float, float, bool]:
+    def train_step(self, record_stats: bool) -> tuple[float, float, float, bool, bool]:
         """One optimizer step on the next data batch: (loss, lr it used, seconds, whether any
-        rank got a stop signal); with `record_stats` the norms keep statistics of their first
+        rank got a stop signal, whether `train.save_interval_minutes` have passed since the last
+        save by rank 0's clock); with `record_stats` the norms keep statistics of their first
         micro-batch (`NormStats`). One host sync (`_agree`)."""
         lr = _scheduled_lr(self.engine)  # the scheduler moves on after the step
         t0 = time.perf_counter()
         with self.stats.recording() if record_stats else nullcontext():
             batches = self.batches.for_step(self.position.next_batch())
             loss = _train_step(self.engine, batches, self.pipeline)
-        value, stop = _agree(loss, self.stop.signal is not None, self.pipeline)
-        return value, lr, time.perf_counter() - t0, stop
+        minutes = self.cfg.train.save_interval_minutes
+        save_due = bool(
+            minutes and self.is_rank0 and time.monotonic() - self.last_save >= 60 * minutes
+        )
+        value, stop, save_due = _agree(loss, self.stop.signal is not None, save_due, self.pipeline)
+        return value, lr, time.perf_counter() - t0, stop, save_due
 
     def rewind(self, loss: float, result: TrainResult) -> None:
         """A non-finite loss: go back to the last good checkpoint without this step's batch, or
@@ -562,6 +571,7 @@ class Trainer:
             GROUPING_KEY: GROUPING,
         }
         t0 = time.perf_counter()
+        self.last_save = time.monotonic()  # the clock of save_interval_minutes starts again
         folder = checkpoint.save(
             self.engine,
             self.ckpt_root,
@@ -612,6 +622,7 @@ class Trainer:
         self.bar = _progress_bar(self.is_rank0 and on_terminal, self.position.step, total)
         self.lines = self.is_rank0 and not on_terminal
         self.timer = StepTimer(total - self.position.step)
+        self.last_save = time.monotonic()
         last_saved, steps_this_run = self.position.step, 0
         try:
             while self.position.step < total:
@@ -619,7 +630,7 @@ class Trainer:
                 last = upcoming == total
                 full_log = upcoming % cfg.train.log_interval == 0 or last
                 record_stats = upcoming % cfg.train.stats_interval == 0 or last
-                loss, lr, seconds, stop = self.train_step(record_stats)
+                loss, lr, seconds, stop, save_due = self.train_step(record_stats)
                 if not math.isfinite(loss):
                     self.rewind(loss, result)
                     continue
@@ -635,7 +646,8 @@ class Trainer:
                         who = self.stop.signal or "on another rank"
                         print(f"\nsignal {who}: saved {result.checkpoint}, exiting", flush=True)
                     break
-                if cfg.train.save_interval and self.position.step % cfg.train.save_interval == 0:
+                every = cfg.train.save_interval
+                if save_due or (every and self.position.step % every == 0):
                     result.checkpoint, last_saved = self.save(), self.position.step
                 if stop_after is not None and steps_this_run >= stop_after:
                     break
