@@ -501,7 +501,7 @@ def test_llama3_rope_equals_transformers_beyond_the_original_context():
 
 
 def test_rope_scaling_config_is_validated():
-    from megatron_dyt.config import ConfigError
+    from megatron_dyt.config import ConfigError, load_config
 
     tree = tiny_dict("rmsnorm", rope_scaling={"type": "yarn", "factor": 4.0})
     with pytest.raises(ConfigError, match=r"model\.rope_scaling\.type='yarn'.*'none' or 'llama3'"):
@@ -513,6 +513,8 @@ def test_rope_scaling_config_is_validated():
     with pytest.raises(ConfigError, match=r"model\.rope_scaling\.factor=0\.5"):
         config_from_dict(tree)
     assert config_from_dict(tiny_dict("rmsnorm")).model.rope_scaling.type == "none"
+    cfg = load_config(None, ["model.rope_scaling.type=llama3", "model.rope_scaling.factor=32"])
+    assert (cfg.model.rope_scaling.type, cfg.model.rope_scaling.factor) == ("llama3", 32.0)
 
 
 _LLAMA3_ROPE = {
@@ -658,10 +660,11 @@ def test_tinyllama_shaped_gqa_imports_and_exports_with_the_same_logits(tmp_path)
     torch.testing.assert_close(_logits_of(back, tokens), theirs, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("window", [None, 4096])
+@pytest.mark.parametrize("window", [None, 4096, 32])
 def test_mistral_without_a_short_sliding_window_is_llama(window, tmp_path):
-    """MistralForCausalLM with no window, or one no shorter than the sequence: the same
-    function as LLaMA; imported, and exported as a stock LlamaForCausalLM with equal logits."""
+    """MistralForCausalLM with no window, or one no shorter than the sequence (32: exactly the
+    32 tokens imported with model.seq_length=32): the same function as LLaMA; imported, and
+    exported as a stock LlamaForCausalLM with equal logits."""
     from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     torch.manual_seed(11)
@@ -680,9 +683,10 @@ def test_mistral_without_a_short_sliding_window_is_llama(window, tmp_path):
     model = MistralForCausalLM(hf_cfg).eval()
     hf_dir = _save(model, tmp_path / "mistral")
     assert json.loads((hf_dir / "config.json").read_text())["model_type"] == "mistral"
-    folder = import_from_hf(hf_dir, tmp_path / "ours", tp=2, progress=False)
+    overrides = ["model.seq_length=32"] if window == 32 else []
+    folder = import_from_hf(hf_dir, tmp_path / "ours", overrides=overrides, tp=2, progress=False)
     cfg = ckpt.read_config(folder)
-    assert cfg.model.rope_theta == 1e6 and cfg.model.seq_length == 64
+    assert cfg.model.rope_theta == 1e6 and cfg.model.seq_length == (32 if window == 32 else 64)
     tokens = torch.randint(0, 384, (2, 32), generator=torch.Generator().manual_seed(12))
     theirs = _logits_of(model, tokens)
     torch.testing.assert_close(_our_logits(_full(folder), cfg, tokens), theirs, atol=ATOL, rtol=0)
