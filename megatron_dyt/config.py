@@ -145,6 +145,50 @@ class InitConfig(_Section):
     )
 
 
+RopeScalingType = Literal["none", "llama3"]
+
+
+class RopeScalingConfig(_Section):
+    """How RoPE's inverse frequencies are rescaled for long context (docs/design.md §12).
+
+    llama3 (Llama 3.1 / 3.2): frequencies whose wavelength exceeds
+    original_max_position_embeddings / low_freq_factor are divided by factor, those shorter than
+    original_max_position_embeddings / high_freq_factor are kept, and the band between is
+    interpolated. The other keys apply to llama3 only; the defaults are Llama 3.1's.
+    """
+
+    type: RopeScalingType = Field(
+        "none", description="none (plain RoPE) or llama3 (Llama 3.1's frequency rescaling)."
+    )
+    factor: float = Field(
+        8.0, ge=1, description="llama3: long wavelengths are divided by this (context extension)."
+    )
+    low_freq_factor: float = Field(
+        1.0,
+        gt=0,
+        description="llama3: wavelengths above original_max_position_embeddings / this are"
+        " divided by factor.",
+    )
+    high_freq_factor: float = Field(
+        4.0,
+        gt=0,
+        description="llama3: wavelengths below original_max_position_embeddings / this are kept;"
+        " must be > low_freq_factor.",
+    )
+    original_max_position_embeddings: int = Field(
+        8192, gt=0, description="llama3: the context length of the model's original pretraining."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> RopeScalingConfig:
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                f"high_freq_factor={self.high_freq_factor} must be > low_freq_factor="
+                f"{self.low_freq_factor} (the band between them is interpolated)"
+            )
+        return self
+
+
 class ModelConfig(_Section):
     """The LLaMA model: its shape, vocabulary, positions, attention, norms and init."""
 
@@ -178,6 +222,10 @@ class ModelConfig(_Section):
         "auto",
         description="auto: flash-attn on CUDA in bf16/fp16 when installed, else PyTorch SDPA;"
         " sdpa or flash to force one.",
+    )
+    rope_scaling: RopeScalingConfig = Field(
+        default_factory=RopeScalingConfig,
+        description="RoPE frequency rescaling for long context: none, or llama3 (Llama 3.1+).",
     )
     norm: NormConfig = Field(default_factory=NormConfig, description=NormConfig.__doc__)
     init: InitConfig = Field(default_factory=InitConfig, description=InitConfig.__doc__)

@@ -17,7 +17,7 @@ from common import tiny_dict, train_dict, train_worker
 from megatron_dyt import checkpoint as ckpt
 from megatron_dyt.checkpoint import write_checkpoint
 from megatron_dyt.checkpoint.reader import read_meta
-from megatron_dyt.config import config_from_dict
+from megatron_dyt.config import RopeScalingConfig, config_from_dict
 from megatron_dyt.convert.from_hf import import_from_hf
 from megatron_dyt.convert.reshard import reshard_checkpoint
 from megatron_dyt.convert.to_hf import export_to_hf
@@ -386,12 +386,13 @@ def _small_llama(path: Path, **overrides) -> Path:
 
 def test_bad_input_is_one_clear_error(tmp_path, capsys):
     llama = _small_llama(tmp_path / "llama")
-    mistral = tmp_path / "mistral"
-    shutil.copytree(llama, mistral)
-    config = json.loads((mistral / "config.json").read_text())
-    (mistral / "config.json").write_text(json.dumps(config | {"model_type": "mistral"}))
-    code, err = _run_cli(["from-hf", str(mistral), str(tmp_path / "o1")], capsys)
-    assert code == 2 and "model_type='mistral' is not supported" in err and "Traceback" not in err
+    qwen = tmp_path / "qwen"
+    shutil.copytree(llama, qwen)
+    config = json.loads((qwen / "config.json").read_text())
+    (qwen / "config.json").write_text(json.dumps(config | {"model_type": "qwen2"}))
+    code, err = _run_cli(["from-hf", str(qwen), str(tmp_path / "o1")], capsys)
+    assert code == 2 and "model_type='qwen2' is not supported" in err and "Traceback" not in err
+    assert "allowed: 'llama' (LlamaForCausalLM), 'mistral' (MistralForCausalLM)" in err
 
     arch = tmp_path / "arch"
     shutil.copytree(llama, arch)
@@ -464,3 +465,353 @@ def test_export_refuses_a_non_empty_output_and_bad_options(tmp_path, capsys):
     code, _ = _run_cli(["to-hf", str(tmp_path / "src"), str(out), "--force"], capsys)
     assert code == 0 and not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
     assert not out.with_name("hf.tmp").exists()
+
+
+# ---- LLaMA-family imports: LLaMA-3.x (llama3 RoPE, tied embeddings), TinyLlama, Mistral ----------
+
+
+def test_llama3_rope_equals_transformers_beyond_the_original_context():
+    """Our llama3-scaled inverse frequencies and cos/sin tables equal transformers' bit for bit,
+    at positions up to 4× original_max_position_embeddings, with all three bands present."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from megatron_dyt.model.rope import rope_cos_sin, rope_inv_freq
+
+    params = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+    params["original_max_position_embeddings"] = 64
+    hf_cfg = LlamaConfig(
+        hidden_size=256,
+        num_attention_heads=4,  # head_dim 64: 32 frequencies
+        max_position_embeddings=256,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, **params},
+    )
+    theirs = LlamaRotaryEmbedding(hf_cfg)
+    scaling = RopeScalingConfig(type="llama3", **params)
+    cpu = torch.device("cpu")
+    inv_freq = rope_inv_freq(64, 500000.0, cpu, scaling)
+    assert torch.equal(inv_freq, theirs.inv_freq)
+    ratio = inv_freq / rope_inv_freq(64, 500000.0, cpu)
+    kept, divided = ratio == 1, ratio == 1 / 8
+    assert kept.any() and divided.any() and (~kept & ~divided).any()  # every band is tested
+    positions = torch.arange(256)[None]
+    cos, sin = theirs(torch.zeros(1, 1, 64), positions)
+    our_cos, our_sin = rope_cos_sin(256, 64, 500000.0, cpu, scaling)
+    assert torch.equal(our_cos[:, 0, 0], cos[0]) and torch.equal(our_sin[:, 0, 0], sin[0])
+
+
+def test_rope_scaling_config_is_validated():
+    from megatron_dyt.config import ConfigError, load_config
+
+    tree = tiny_dict("rmsnorm", rope_scaling={"type": "yarn", "factor": 4.0})
+    with pytest.raises(ConfigError, match=r"model\.rope_scaling\.type='yarn'.*'none' or 'llama3'"):
+        config_from_dict(tree)
+    tree = tiny_dict("rmsnorm", rope_scaling={"type": "llama3", "high_freq_factor": 1.0})
+    with pytest.raises(ConfigError, match="high_freq_factor=1.0 must be > low_freq_factor=1.0"):
+        config_from_dict(tree)
+    tree = tiny_dict("rmsnorm", rope_scaling={"type": "llama3", "factor": 0.5})
+    with pytest.raises(ConfigError, match=r"model\.rope_scaling\.factor=0\.5"):
+        config_from_dict(tree)
+    assert config_from_dict(tiny_dict("rmsnorm")).model.rope_scaling.type == "none"
+    cfg = load_config(None, ["model.rope_scaling.type=llama3", "model.rope_scaling.factor=32"])
+    assert (cfg.model.rope_scaling.type, cfg.model.rope_scaling.factor) == ("llama3", 32.0)
+
+
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 32.0,  # Llama 3.2's values, with the original context shrunk to the test's
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+
+
+def _save(model, path: Path, *, transformers4_rope: bool = False) -> Path:
+    """save_pretrained; `transformers4_rope`: config.json's RoPE rewritten as 4.x writes it
+    (and Llama 3.x folders on the Hub hold it): rope_theta and rope_scaling, no rope_parameters."""
+    model.save_pretrained(path)
+    if transformers4_rope:
+        config = json.loads((path / "config.json").read_text())
+        rope = config.pop("rope_parameters")
+        config["rope_theta"] = rope.pop("rope_theta")
+        config["rope_scaling"] = rope
+        (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def _logits_of(model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(tokens).logits
+
+
+@pytest.mark.slow  # a 128,256-row vocabulary through import, our model, export and transformers
+@pytest.mark.parametrize("form", ["transformers5", "transformers4"])
+def test_llama3_with_tied_embeddings_imports_and_exports_with_the_same_logits(form, tmp_path):
+    """LLaMA-3.2-shaped: vocab 128,256, GQA, rope_theta 5·10⁵, llama3 RoPE scaling, tied
+    embeddings. Import (untied, with a notice) → our logits = transformers'; export → a stock
+    LlamaForCausalLM with the same logits; positions run past the original context."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_dyt.convert.from_hf import ConvertNotice
+
+    torch.manual_seed(5)
+    hf_cfg = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_parameters={**_LLAMA3_ROPE, "rope_theta": 500000.0},
+        tie_word_embeddings=True,
+        initializer_range=0.1,  # attention that depends on the positions (0.02: nearly uniform)
+    )
+    model = LlamaForCausalLM(hf_cfg).eval()
+    hf_dir = _save(model, tmp_path / "llama3", transformers4_rope=form == "transformers4")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        folder = import_from_hf(hf_dir, tmp_path / "ours", tp=2, progress=False)
+    notices = [str(w.message) for w in caught if issubclass(w.category, ConvertNotice)]
+    assert any("tie_word_embeddings=true" in n for n in notices)
+    assert not any("padded" in n for n in notices)  # 128,256 = 1002 × 128: no padding at TP=2
+    cfg = ckpt.read_config(folder)
+    scaling = cfg.model.rope_scaling
+    assert (scaling.type, scaling.factor, scaling.original_max_position_embeddings) == (
+        "llama3",
+        32.0,
+        16,
+    )
+    assert cfg.padded_vocab_size == 128256 and cfg.model.rope_theta == 500000.0
+    tokens = torch.randint(0, 128256, (2, 48), generator=torch.Generator().manual_seed(6))
+    theirs = _logits_of(model, tokens)
+    full = _full(folder)
+    ours = _our_logits(full, cfg, tokens)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    # The scaling matters here: plain RoPE gives other logits.
+    plain = cfg.model_copy(
+        update={"model": cfg.model.model_copy(update={"rope_scaling": RopeScalingConfig()})}
+    )
+    assert (_our_logits(full, plain, tokens) - theirs).abs().max() > 100 * ATOL
+
+    export_to_hf(folder, tmp_path / "export", progress=False)
+    config = json.loads((tmp_path / "export/config.json").read_text())
+    assert config["tie_word_embeddings"] is False and "auto_map" not in config
+    assert config["rope_scaling"] == dict(_LLAMA3_ROPE)
+    assert config["rope_parameters"] == {**_LLAMA3_ROPE, "rope_theta": 500000.0}
+    back = LlamaForCausalLM.from_pretrained(tmp_path / "export")
+    torch.testing.assert_close(_logits_of(back, tokens), theirs, atol=ATOL, rtol=0)
+
+
+def test_llama3_rope_in_the_dyt_modeling_code(tmp_path):
+    """A DyT model with llama3 RoPE scaling, exported with our modeling code: transformers
+    computes our logits (its RoPE reads the same rope_scaling), and plain RoPE would not."""
+    from transformers import AutoModelForCausalLM
+
+    scaling = {k: v for k, v in _LLAMA3_ROPE.items() if k != "rope_type"}
+    cfg = _cfg("dyt", tp=1, pp=1, seq_length=64, rope_scaling={"type": "llama3", **scaling})
+    full = _random_full(cfg)
+    # Activations of order 1 and sharp attention, so that the positions matter.
+    full["embedding.word.weight"] *= 20
+    for i in range(cfg.model.num_layers):
+        full[f"layers.{i}.attention.qkv.weight"] *= 8
+    write_checkpoint(full, cfg, tmp_path / "src", progress=False)
+    export_to_hf(tmp_path / "src", tmp_path / "export", progress=False)
+    assert (tmp_path / "export/modeling_megatron_dyt.py").is_file()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export", trust_remote_code=True)
+    tokens = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(8))
+    ours = _our_logits(full, cfg, tokens)
+    theirs = _logits_of(model, tokens)
+    torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
+    plain = cfg.model_copy(
+        update={"model": cfg.model.model_copy(update={"rope_scaling": RopeScalingConfig()})}
+    )
+    assert (_our_logits(full, plain, tokens) - theirs).abs().max() > 100 * ATOL
+
+
+def test_tinyllama_shaped_gqa_imports_and_exports_with_the_same_logits(tmp_path):
+    """TinyLlama's attention (32 query heads sharing 4 key/value heads) at TP=2, PP=2."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(9)
+    hf_cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+    )
+    model = LlamaForCausalLM(hf_cfg).eval()
+    hf_dir = _save(model, tmp_path / "tinyllama")
+    folder = import_from_hf(hf_dir, tmp_path / "ours", tp=2, pp=2, progress=False)
+    cfg = ckpt.read_config(folder)
+    assert (cfg.model.num_heads, cfg.model.kv_heads, cfg.model.rope_scaling.type) == (32, 4, "none")
+    tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(10))
+    theirs = _logits_of(model, tokens)
+    torch.testing.assert_close(_our_logits(_full(folder), cfg, tokens), theirs, atol=ATOL, rtol=0)
+    export_to_hf(folder, tmp_path / "export", progress=False)
+    back = LlamaForCausalLM.from_pretrained(tmp_path / "export")
+    torch.testing.assert_close(_logits_of(back, tokens), theirs, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("window", [None, 4096, 32])
+def test_mistral_without_a_short_sliding_window_is_llama(window, tmp_path):
+    """MistralForCausalLM with no window, or one no shorter than the sequence (32: exactly the
+    32 tokens imported with model.seq_length=32): the same function as LLaMA; imported, and
+    exported as a stock LlamaForCausalLM with equal logits."""
+    from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(11)
+    hf_cfg = MistralConfig(
+        vocab_size=384,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        rope_theta=1000000.0,
+        sliding_window=window,
+    )
+    model = MistralForCausalLM(hf_cfg).eval()
+    hf_dir = _save(model, tmp_path / "mistral")
+    assert json.loads((hf_dir / "config.json").read_text())["model_type"] == "mistral"
+    overrides = ["model.seq_length=32"] if window == 32 else []
+    folder = import_from_hf(hf_dir, tmp_path / "ours", overrides=overrides, tp=2, progress=False)
+    cfg = ckpt.read_config(folder)
+    assert cfg.model.rope_theta == 1e6 and cfg.model.seq_length == (32 if window == 32 else 64)
+    tokens = torch.randint(0, 384, (2, 32), generator=torch.Generator().manual_seed(12))
+    theirs = _logits_of(model, tokens)
+    torch.testing.assert_close(_our_logits(_full(folder), cfg, tokens), theirs, atol=ATOL, rtol=0)
+    export_to_hf(folder, tmp_path / "export", progress=False)
+    back = LlamaForCausalLM.from_pretrained(tmp_path / "export")
+    torch.testing.assert_close(_logits_of(back, tokens), theirs, atol=ATOL, rtol=0)
+
+
+def _edited(src: Path, dst: Path, **changes) -> Path:
+    """A copy of HF folder `src` whose config.json has `changes` (None deletes a key)."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text()) | changes
+    config = {k: v for k, v in config.items() if v is not None or k not in changes}
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_unsupported_llama_family_configs_are_one_clear_error(tmp_path, capsys):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    llama = _small_llama(tmp_path / "llama", max_position_embeddings=64)
+    rope3 = {**_LLAMA3_ROPE, "rope_theta": 500000.0}
+    cases = [
+        ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling rope_type='yarn'"),
+        (
+            {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+            "rope_parameters rope_type='linear' is not supported; allowed: 'default' (plain"
+            " RoPE), 'llama3'",
+        ),
+        (
+            {"rope_scaling": {k: v for k, v in rope3.items() if k != "factor"}},
+            "rope_scaling.factor=None: rope_type 'llama3' needs a number",
+        ),
+        (
+            {"rope_parameters": {**rope3, "high_freq_factor": 0.5}},
+            "model.rope_scaling: high_freq_factor=0.5 must be > low_freq_factor=1.0",
+        ),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not supported"),
+        ({"mlp_bias": True}, "mlp_bias=True is not supported"),
+        ({"head_dim": 32}, "head_dim=32 × num_attention_heads=4 != hidden_size=64"),
+        (
+            {"architectures": ["Qwen2ForCausalLM"]},
+            "architectures=['Qwen2ForCausalLM'] is not supported; allowed: LlamaForCausalLM,"
+            " MistralForCausalLM",
+        ),
+        ({"model_type": "gemma"}, "model_type='gemma' is not supported"),
+    ]
+    for i, (changes, message) in enumerate(cases):
+        bad = _edited(llama, tmp_path / f"bad{i}", **changes)
+        code, err = _run_cli(["from-hf", str(bad), str(tmp_path / f"o{i}")], capsys)
+        assert code == 2 and message in err and "Traceback" not in err, (changes, err)
+        assert err.count("error:") == 1 and not (tmp_path / f"o{i}").exists()
+
+    # A real sliding window: refused at the model's own length, imported at one it masks nothing.
+    mistral = tmp_path / "mistral"
+    small = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=256)
+    hf_cfg = MistralConfig(
+        **small,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        sliding_window=16,
+    )
+    MistralForCausalLM(hf_cfg).save_pretrained(mistral)
+    code, err = _run_cli(["from-hf", str(mistral), str(tmp_path / "m1")], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "sliding_window=16 is shorter than model.seq_length=64" in err
+    assert "model.seq_length=16" in err
+    code, err = _run_cli(
+        ["from-hf", str(mistral), str(tmp_path / "m2"), "model.seq_length=16"], capsys
+    )
+    assert code == 0, err
+    assert ckpt.read_config(ckpt.resolve(tmp_path / "m2")).model.seq_length == 16
+
+
+# ---- from the local Hugging Face cache ----------------------------------------------------------
+
+
+def _fake_hub_cache(hf_dir: Path, cache: Path, repo: str, commit: str) -> Path:
+    """`repo` at `commit` laid out as huggingface_hub caches it: blobs, a snapshot of links to
+    them, refs/main. Returns the snapshot folder."""
+    import hashlib
+
+    root = cache / ("models--" + repo.replace("/", "--"))
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (root / "blobs").mkdir()
+    for path in hf_dir.iterdir():
+        blob = root / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+        shutil.copy2(path, blob)
+        (snapshot / path.name).symlink_to(Path("../..") / "blobs" / blob.name)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_import_of_a_repo_id_from_the_local_cache(tmp_path, capsys, monkeypatch):
+    """`from-hf ORG/NAME` reads the snapshot refs/main names in HF_HUB_CACHE (no network: a
+    missing repo is an error naming the folder looked in); the weights equal a folder import."""
+    llama = _small_llama(tmp_path / "llama", tie_word_embeddings=True)
+    cache, commit = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
+    _fake_hub_cache(llama, cache, "some-org/tiny-llama", commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)  # no local folder some-org/tiny-llama
+    code, err = _run_cli(["from-hf", "some-org/tiny-llama", str(tmp_path / "cached")], capsys)
+    assert code == 0, err
+    folder = ckpt.resolve(tmp_path / "cached")
+    assert ckpt.read_config(folder).model.name == "tiny-llama"
+    with pytest.warns(UserWarning, match="ties its output head"):
+        direct = import_from_hf(llama, tmp_path / "direct", progress=False)
+    _assert_identical(_full(folder), _full(direct))
+    code, err = _run_cli(
+        ["from-hf", "some-org/tiny-llama", str(tmp_path / "pinned"), "--revision", commit],
+        capsys,
+    )
+    assert code == 0, err
+
+    code, err = _run_cli(["from-hf", "some-org/missing", str(tmp_path / "o1")], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "the Hugging Face cache has no snapshot of some-org/missing at revision 'main'" in err
+    assert f"looked in '{cache / 'models--some-org--missing'}'" in err
+    code, err = _run_cli(
+        ["from-hf", "some-org/tiny-llama", str(tmp_path / "o2"), "--revision", "v2"], capsys
+    )
+    assert code == 2 and "no snapshot of some-org/tiny-llama at revision 'v2'" in err
+    code, err = _run_cli(["from-hf", "not/a/repo", str(tmp_path / "o3")], capsys)
+    assert code == 2 and "'not/a/repo' is not a folder" in err
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))

@@ -50,6 +50,7 @@ def cmd_from_hf(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         force=args.force,
         progress=not args.no_progress,
+        revision=args.revision,
     )
     run = Path(args.out)
     print(f"wrote {folder} (weights only, TP={args.tp} PP={args.pp})")
@@ -94,11 +95,18 @@ def add_from_hf(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "from-hf",
         help="import a Hugging Face LLaMA folder as a checkpoint at a TP/PP layout",
-        description="Convert a local LLaMA-layout Hugging Face folder (ours or a published"
-        " LLaMA) into a run folder holding a weights-only checkpoint at the given layout, ready"
-        " for `megatron-dyt train --run-dir OUT` (fresh optimizer, step 0) and `eval`.",
+        description="Convert a local LLaMA-layout Hugging Face folder (ours, a published"
+        " LLaMA 1-3.x, TinyLlama, or Mistral without a sliding window), or a repo id whose"
+        " snapshot is in the local Hugging Face cache (never downloaded), into a run folder"
+        " holding a weights-only checkpoint at the given layout, ready for"
+        " `megatron-dyt train --run-dir OUT` (fresh optimizer, step 0) and `eval`.",
     )
-    p.add_argument("hf_dir", metavar="HF_DIR", help="folder with config.json and weights")
+    p.add_argument(
+        "hf_dir",
+        metavar="HF_DIR",
+        help="folder with config.json and weights, or ORG/NAME in the local Hugging Face cache"
+        " (HF_HUB_CACHE / HF_HOME)",
+    )
     p.add_argument("out", metavar="OUT", help="run folder to create")
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.norm.alpha_attn=0.8"
@@ -117,6 +125,11 @@ def add_from_hf(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tokenizer",
         help="sentencepiece .model to store with the checkpoint (default: HF_DIR/tokenizer.model)",
+    )
+    p.add_argument(
+        "--revision",
+        default="main",
+        help="for ORG/NAME: the cached branch, tag or commit to read (default main)",
     )
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,8 +1,13 @@
 """`megatron-dyt convert from-hf`: a LLaMA-layout HF folder → our checkpoint at a TP/PP layout.
 
-Any local LLaMA checkpoint works (safetensors, sharded or not, or pytorch_model.bin): a stock
-`LlamaForCausalLM` becomes an RMSNorm model, an export of ours comes back with its own config
-(norm kind, α₀, data and training settings, all stored in its config.json). The output is a run
+Any local LLaMA checkpoint works (safetensors, sharded or not, or pytorch_model.bin), given as a
+folder or as a repo id ORG/NAME whose snapshot is in the local Hugging Face cache (never
+downloaded). A stock `LlamaForCausalLM` (LLaMA 1-3.x, TinyLlama: GQA, llama3 RoPE scaling, tied
+embeddings) or a `MistralForCausalLM` without a sliding window shorter than the sequence becomes
+an RMSNorm model; an export of ours comes back with its own config (norm kind, α₀, data and
+training settings, all stored in its config.json). Tied embeddings are untied: the output head
+starts as a copy of the embedding (the logits are unchanged; training then moves them apart,
+as our model keeps the two separate, docs/design.md §12). The output is a run
 folder whose `checkpoints/step_0000000` holds the weights only: `megatron-dyt train` started on
 that folder loads them and begins with a fresh optimizer and schedule at step 0, and
 `megatron-dyt eval` reads it as it is.
@@ -17,6 +22,8 @@ multiply the residual stream by tens. The scale and α stay learnable, so traini
 from __future__ import annotations
 
 import json
+import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,6 +35,7 @@ from megatron_dyt.convert.mapping import (
     OUR_CONFIG_KEY,
     ConvertError,
     check_hf_config,
+    check_sliding_window,
     from_hf_state_dict,
     model_section_from_hf,
 )
@@ -35,6 +43,57 @@ from megatron_dyt.convert.mapping import (
 
 class ConvertNotice(UserWarning):
     """Something the conversion did that the user should know about (padding, untying)."""
+
+
+#: A Hub repo id: ORG/NAME (a local folder of that name is read first).
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache as huggingface_hub finds it, read from the environment now
+    (its constants are fixed when it is first imported): HF_HUB_CACHE, the legacy
+    HUGGINGFACE_HUB_CACHE, HF_HOME/hub, XDG_CACHE_HOME/huggingface/hub, ~/.cache/huggingface/hub.
+    """
+    env = os.environ
+    cache = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    home = env.get("HF_HOME") or os.path.join(cache, "huggingface")
+    hub = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return Path(os.path.expandvars(os.path.expanduser(hub)))
+
+
+def resolve_hf_source(source: str | Path, revision: str = "main") -> tuple[Path, str]:
+    """(folder, model name) of a local HF folder, or of repo id ORG/NAME in the local HF cache.
+
+    The cache is only read (`local_files_only`): nothing is downloaded, so an import never
+    depends on the network. A local folder wins over a repo id of the same name.
+    """
+    path = Path(source)
+    if path.is_dir():
+        return path, path.name
+    text = str(source)
+    if path.exists() or not _REPO_ID.fullmatch(text):
+        raise ConvertError(
+            f"'{source}' is not a folder (expected a Hugging Face model folder, or a repo id"
+            " ORG/NAME whose snapshot is in the local Hugging Face cache)"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.file_download import repo_folder_name
+
+    cache = hf_hub_cache()
+    where = cache / repo_folder_name(repo_id=text, repo_type="model")
+    try:
+        folder = snapshot_download(
+            text, revision=revision, cache_dir=str(cache), local_files_only=True
+        )
+    except (OSError, ValueError) as exc:  # not cached, an incomplete snapshot, a bad id
+        found = "an incomplete snapshot" if "incomplete" in str(exc) else "no snapshot"
+        raise ConvertError(
+            f"'{source}' is no local folder, and the Hugging Face cache has {found} of {text}"
+            f" at revision {revision!r} (looked in '{where}'); download it first (`hf download"
+            f" {text}` where the network is reachable), or set HF_HUB_CACHE or HF_HOME to the"
+            " cache that holds it"
+        ) from None
+    return Path(folder), text.rpartition("/")[2]
 
 
 def read_hf_config(hf_dir: Path) -> dict[str, Any]:
@@ -98,14 +157,19 @@ def target_config(
     config: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     norm: str | None = None,
+    name: str | None = None,
 ) -> tuple[Config, Config]:
-    """(config of the HF weights as they are, config of the checkpoint to write)."""
+    """(config of the HF weights as they are, config of the checkpoint to write).
+
+    `name`: the model's name in the new config (default: the folder's name).
+    """
     source_model = model_section_from_hf(hf)
     if OUR_CONFIG_KEY in hf:  # our own export: its full config, exactly
         base = json.loads(json.dumps(hf[OUR_CONFIG_KEY]))
         source_model = base["model"]
     else:
-        base = json.loads(json.dumps({"model": {"name": hf_dir.name, **source_model}}))
+        model_name = name or hf_dir.name
+        base = json.loads(json.dumps({"model": {"name": model_name, **source_model}}))
     if config is not None:
         tree = load_config(config, overrides).to_dict()
     else:
@@ -143,6 +207,7 @@ def target_config(
         source_tree["model"]["norm"] = source_model["norm"]
         source_tree["model"]["embedding_scale"] = source_model["embedding_scale"]
         source = config_from_dict(source_tree, f"{hf_dir / 'config.json'} (as read)")
+    check_sliding_window(hf, target_cfg.model.seq_length, str(hf_dir / "config.json"))
     if target_cfg.model.vocab_size < hf["vocab_size"] and OUR_CONFIG_KEY not in hf:
         raise ConvertError(
             f"model.vocab_size={target_cfg.model.vocab_size} is smaller than the HF model's"
@@ -191,27 +256,28 @@ def import_from_hf(
     tokenizer: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
+    revision: str = "main",
 ) -> Path:
     """Convert; returns the checkpoint folder (`OUT/checkpoints/step_0000000`).
 
-    The tokenizer copied into the checkpoint is `tokenizer` (a sentencepiece .model) or the HF
-    folder's tokenizer.model.
+    `hf_dir` is a folder or a repo id ORG/NAME in the local HF cache (at `revision`, a branch,
+    tag or commit; see `resolve_hf_source`). The tokenizer copied into the checkpoint is
+    `tokenizer` (a sentencepiece .model) or the HF folder's tokenizer.model.
     """
     import shutil
 
     from megatron_dyt.checkpoint import write_checkpoint
     from megatron_dyt.convert.outdir import finish_out_dir, prepare_out_dir
 
-    hf_dir, out = Path(hf_dir), Path(out)
-    if not hf_dir.is_dir():
-        raise ConvertError(f"'{hf_dir}' is not a folder (expected a Hugging Face model folder)")
+    out = Path(out)
     if norm is not None and norm not in ("dyt", "derf"):
         raise ConvertError(f"--norm {norm!r}: allowed: dyt, derf")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ConvertError(f"output '{out}' exists and is not empty; pass --force to replace it")
+    hf_dir, name = resolve_hf_source(hf_dir, revision)
     hf = read_hf_config(hf_dir)
     source, target = target_config(
-        hf, hf_dir, tp=tp, pp=pp, config=config, overrides=overrides, norm=norm
+        hf, hf_dir, tp=tp, pp=pp, config=config, overrides=overrides, norm=norm, name=name
     )
     weights = read_hf_weights(hf_dir, progress)
     if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:

@@ -29,6 +29,17 @@ from megatron_dyt.model.sharding import fit_rows
 CUSTOM_MODEL_TYPE = "megatron_dyt_llama"
 CUSTOM_ARCH = "MegatronDytLlamaForCausalLM"
 LLAMA_ARCH = "LlamaForCausalLM"
+#: Mistral without a sliding window (or one no shorter than our sequence) is LLaMA's function.
+MISTRAL_ARCH = "MistralForCausalLM"
+#: model_type → the architecture a config.json of that type names.
+SUPPORTED_TYPES = {"llama": LLAMA_ARCH, "mistral": MISTRAL_ARCH, CUSTOM_MODEL_TYPE: CUSTOM_ARCH}
+#: The llama3 RoPE keys of a HF config (rope_scaling / rope_parameters) = ours.
+LLAMA3_ROPE_KEYS = (
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+)
 #: Key under which an export stores the full megatron-dyt config (for an exact re-import).
 OUR_CONFIG_KEY = "megatron_dyt_config"
 
@@ -226,10 +237,8 @@ def hf_config(cfg: Config, dtype: torch.dtype) -> dict[str, Any]:
         "max_position_embeddings": m.seq_length,
         "hidden_act": "silu",
         "rms_norm_eps": m.norm.eps,
-        # rope_theta for transformers 4.x, rope_parameters for 5.x
-        "rope_theta": m.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
-        "rope_scaling": None,
+        # rope_theta and rope_scaling for transformers 4.x, rope_parameters for 5.x
+        **_hf_rope(cfg),
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
@@ -265,6 +274,24 @@ def hf_config(cfg: Config, dtype: torch.dtype) -> dict[str, Any]:
     return out
 
 
+def _hf_rope(cfg: Config) -> dict[str, Any]:
+    """The RoPE keys of an export's config.json, read the same by transformers 4.x and 5.x."""
+    m = cfg.model
+    if m.rope_scaling.type == "none":
+        return {
+            "rope_theta": m.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+            "rope_scaling": None,
+        }
+    scaling = {"rope_type": m.rope_scaling.type}
+    scaling.update({key: getattr(m.rope_scaling, key) for key in LLAMA3_ROPE_KEYS})
+    return {
+        "rope_theta": m.rope_theta,
+        "rope_parameters": {**scaling, "rope_theta": m.rope_theta},
+        "rope_scaling": scaling,  # 5.x prefers it to rope_parameters: the same values
+    }
+
+
 _REQUIRED = (
     "hidden_size",
     "intermediate_size",
@@ -275,18 +302,22 @@ _REQUIRED = (
 
 
 def check_hf_config(hf: Mapping[str, Any], source: str) -> None:
-    """Refuse a config.json that is not a LLaMA layout our model can hold; names the key."""
+    """Refuse a config.json that is not a LLaMA layout our model can hold; names the key.
+
+    The sliding window of a Mistral config depends on the sequence length the import uses, so
+    `check_sliding_window` checks it once the target config is known.
+    """
     model_type = hf.get("model_type")
-    if model_type not in ("llama", CUSTOM_MODEL_TYPE):
+    allowed = ", ".join(f"{t!r} ({a})" for t, a in SUPPORTED_TYPES.items())
+    if model_type not in SUPPORTED_TYPES:
         raise ConvertError(
-            f"{source}: model_type={model_type!r} is not supported; allowed: 'llama'"
-            f" (LlamaForCausalLM) or '{CUSTOM_MODEL_TYPE}' (a megatron-dyt export)"
+            f"{source}: model_type={model_type!r} is not supported; allowed: {allowed}"
         )
     archs = hf.get("architectures") or []
-    if archs and not set(archs) & {LLAMA_ARCH, CUSTOM_ARCH}:
+    if archs and not set(archs) & set(SUPPORTED_TYPES.values()):
         raise ConvertError(
-            f"{source}: architectures={archs!r} is not supported; allowed: {LLAMA_ARCH},"
-            f" {CUSTOM_ARCH}"
+            f"{source}: architectures={archs!r} is not supported; allowed:"
+            f" {', '.join(SUPPORTED_TYPES.values())}"
         )
     for key in _REQUIRED:
         if not isinstance(hf.get(key), int) or hf[key] <= 0:
@@ -296,17 +327,12 @@ def check_hf_config(hf: Mapping[str, Any], source: str) -> None:
         "attention_bias": (False, bool(hf.get("attention_bias", False))),
         "mlp_bias": (False, bool(hf.get("mlp_bias", False))),
     }
-    for key, (allowed, value) in refusals.items():
-        if value != allowed:
+    for key, (allowed_value, value) in refusals.items():
+        if value != allowed_value:
             raise ConvertError(
-                f"{source}: {key}={value!r} is not supported (our LLaMA has {key}={allowed!r})"
+                f"{source}: {key}={value!r} is not supported (our LLaMA has {key}={allowed_value!r})"
             )
-    rope = _rope_settings(hf)
-    if rope.get("rope_type", "default") not in ("default", None):
-        raise ConvertError(
-            f"{source}: rope_scaling / rope_parameters rope_type={rope.get('rope_type')!r} is not"
-            " supported (allowed: plain RoPE, rope_type 'default')"
-        )
+    rope_settings(hf, source)  # raises on a RoPE variant we do not have
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
     head_dim = hf.get("head_dim") or hidden // heads
     if head_dim * heads != hidden:
@@ -316,19 +342,74 @@ def check_hf_config(hf: Mapping[str, Any], source: str) -> None:
         )
 
 
-def _rope_settings(hf: Mapping[str, Any]) -> dict[str, Any]:
-    params = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling")
-    if scaling:
-        params.setdefault("rope_type", scaling.get("rope_type", scaling.get("type")))
-    if "rope_theta" not in params and "rope_theta" in hf:
-        params["rope_theta"] = hf["rope_theta"]
-    return params
+def check_sliding_window(hf: Mapping[str, Any], seq_length: int, source: str) -> None:
+    """A sliding window at least as long as the sequence masks nothing: the model is LLaMA's.
+
+    A token attends to itself and the sliding_window - 1 tokens before it (transformers' mask),
+    so with seq_length <= sliding_window every causal pair is inside the window.
+    """
+    window = hf.get("sliding_window")
+    if window is None:
+        return
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        raise ConvertError(
+            f"{source}: sliding_window={window!r} must be null or a positive integer"
+        )
+    if window < seq_length:
+        raise ConvertError(
+            f"{source}: sliding_window={window} is shorter than model.seq_length={seq_length};"
+            " our attention is fully causal, the same function only up to sliding_window tokens:"
+            f" import with the override model.seq_length={window} (or less), or use a model"
+            " with sliding_window null"
+        )
+
+
+def rope_settings(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """{rope_theta, rope_scaling (our section)} of a HF config; unsupported RoPE → ConvertError.
+
+    Configs in the wild hold RoPE in two forms: transformers 4.x writes `rope_theta` and
+    `rope_scaling` ({rope_type | type, factor, …} or null), 5.x writes `rope_parameters`
+    ({rope_type, rope_theta, factor, …}). Like 5.x, a non-empty `rope_scaling` wins.
+    """
+    scaling, params = hf.get("rope_scaling"), hf.get("rope_parameters")
+    key = "rope_scaling" if scaling else "rope_parameters"
+    rope = scaling or params or {}
+    if not isinstance(rope, Mapping):
+        raise ConvertError(f"{source}: {key}={rope!r} must be a mapping or null")
+    rope_type = rope.get("rope_type", rope.get("type")) or "default"
+    if rope_type not in ("default", "llama3"):
+        raise ConvertError(
+            f"{source}: {key} rope_type={rope_type!r} is not supported; allowed: 'default'"
+            " (plain RoPE), 'llama3' (Llama 3.1+ frequency rescaling)"
+        )
+    theta = rope.get("rope_theta") or (params or {}).get("rope_theta") or hf.get("rope_theta")
+    theta = 10000.0 if theta is None else theta
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+        raise ConvertError(f"{source}: rope_theta={theta!r} must be a positive number")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ConvertError(
+            f"{source}: partial_rotary_factor={partial!r} is not supported (our RoPE rotates"
+            " the whole head: 1.0)"
+        )
+    out: dict[str, Any] = {"rope_theta": float(theta), "rope_scaling": {"type": "none"}}
+    if rope_type == "llama3":
+        section: dict[str, Any] = {"type": "llama3"}
+        fallback = {"original_max_position_embeddings": hf.get("max_position_embeddings")}
+        for name in LLAMA3_ROPE_KEYS:
+            value = rope.get(name, fallback.get(name))
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ConvertError(
+                    f"{source}: {key}.{name}={value!r}: rope_type 'llama3' needs a number here"
+                )
+            section[name] = value
+        out["rope_scaling"] = section
+    return out
 
 
 def model_section_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
     """Our `model:` section for a HF LLaMA config (no norm conversion)."""
-    rope = _rope_settings(hf)
+    rope = rope_settings(hf, "config.json")
     model: dict[str, Any] = {
         "hidden_size": hf["hidden_size"],
         "num_layers": hf["num_hidden_layers"],
@@ -337,7 +418,8 @@ def model_section_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
         "ffn_hidden_size": hf["intermediate_size"],
         "vocab_size": hf["vocab_size"],
         "seq_length": hf.get("max_position_embeddings") or 4096,
-        "rope_theta": float(rope.get("rope_theta", 10000.0)),
+        "rope_theta": rope["rope_theta"],
+        "rope_scaling": rope["rope_scaling"],
         "embedding_scale": bool(hf.get("embedding_scale", False)),
         "norm": {"kind": "rmsnorm", "eps": float(hf.get("rms_norm_eps", 1e-5))},
     }

@@ -50,6 +50,7 @@ class Attention(nn.Module):
         self.kv_heads = m.kv_heads // tp
         self.q_per_kv = m.num_heads // m.kv_heads
         self.rope_theta = m.rope_theta
+        self.rope_scaling = m.rope_scaling
         self.recompute_core = recompute_core
         self.backend = self._pick_backend(m.attention_backend)
         qkv_rows = (m.num_heads + 2 * m.kv_heads) * m.head_dim
@@ -72,10 +73,10 @@ class Attention(nn.Module):
         if torch.compiler.is_compiling():
             # Inside a compiled block the tables are part of the graph (the compiler computes
             # them once per call, fused): no module state changes, no cache to guard on.
-            return rope_cos_sin(seq, self.head_dim, self.rope_theta, device)
+            return rope_cos_sin(seq, self.head_dim, self.rope_theta, device, self.rope_scaling)
         cache = self._rope_cache
         if cache is None or cache[0] != seq or cache[1] != device:
-            cos, sin = rope_cos_sin(seq, self.head_dim, self.rope_theta, device)
+            cos, sin = rope_cos_sin(seq, self.head_dim, self.rope_theta, device, self.rope_scaling)
             self._rope_cache = cache = (seq, device, cos, sin)
         return cache[2], cache[3]
 
