@@ -129,6 +129,30 @@ def test_cluster_ready_resources_environment_and_setup(tmp_path):
         assert subprocess.run(["bash", "-n"], input=bash_script, text=True).returncode == 0
 
 
+def test_the_signal_lead_is_the_measured_save_plus_a_step(tmp_path):
+    """USR1 comes early enough for the step in flight and the save to finish: by default the
+    longest save the run folder measured + its longest recent step + 60 s (300 s before any)."""
+    from megatron_dyt.config import load_config
+
+    cfg = load_config(ROOT / "configs/llama-70b-dyt.yaml")  # 4,194,304 tokens per step
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [
+        {"step": 1, "loss": 9.0, "tokens_per_s": 262144.0},  # a 16 s step
+        {"step": 2, "loss": 8.0, "tokens_per_s": 419430.4},  # 10 s
+        {"step": 2, "event": "checkpoint", "seconds": 140.5, "gigabytes": 980.0},
+        {"step": 3, "event": "checkpoint", "seconds": 95.0, "gigabytes": 980.0},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + "{bad")
+    script, _ = render(cfg, run, SlurmOptions(nodes=16), python="/py")
+    assert "#SBATCH --signal=USR1@217" in script  # ceil(140.5 + 16) + 60
+    assert "(140.5 s) + its longest recent step (16.0 s) + 60 s" in script
+    fresh, _ = render(cfg, tmp_path / "new", SlurmOptions(nodes=16), python="/py")
+    assert "#SBATCH --signal=USR1@300" in fresh and "no save measured" in fresh
+    given, _ = render(cfg, run, SlurmOptions(nodes=16, signal_seconds=900), python="/py")
+    assert "#SBATCH --signal=USR1@900" in given
+
+
 @pytest.mark.parametrize(
     "opts,message",
     [

@@ -126,8 +126,9 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
     slurm.add_argument(
         "--signal-seconds",
         type=positive_int,
-        default=300,
-        help="send USR1 this long before the time limit (checkpoint + requeue)",
+        default=None,
+        help="send USR1 this long before the time limit (checkpoint + requeue); default: the"
+        " longest save this run folder measured plus a step plus 60 s, else 300",
     )
     slurm.add_argument("--no-requeue", action="store_true", help="do not requeue after USR1")
     slurm.add_argument(

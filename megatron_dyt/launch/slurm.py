@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import shlex
 import shutil
 import subprocess
@@ -38,7 +39,7 @@ class SlurmOptions:
     mem: str | None = None  # default: "0" (all of the node's) under --exclusive
     exclusive: bool | None = None  # default: on for GPU nodes
     job_name: str | None = None
-    signal_seconds: int = 300
+    signal_seconds: int | None = None  # default: `signal_lead` of the run folder
     requeue: bool = True
     max_requeues: int = 3  # requeues after a crash in a row without a newer checkpoint
     env: list[str] = field(default_factory=list)  # KEY=VALUE exported before the launch
@@ -105,6 +106,40 @@ def _sbatch_options(opts: SlurmOptions) -> str:
     return "".join(f"#SBATCH {line}\n" for line in lines)
 
 
+DEFAULT_SIGNAL_SECONDS = 300
+SIGNAL_MARGIN_SECONDS = 60  # signal delivery, the step's all-reduce, writing `latest`
+
+
+def signal_lead(run_dir: Path, cfg: Config) -> tuple[int, str]:
+    """How long before the time limit USR1 should come: the longest save this run has
+    measured (its metrics.jsonl checkpoint events) plus its longest recent step plus a margin,
+    so the step in flight and the save both finish; `DEFAULT_SIGNAL_SECONDS` for a new run."""
+    saves, steps = [], []
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        if record.get("event") == "checkpoint" and isinstance(record.get("seconds"), float):
+            saves.append(record["seconds"])
+        elif isinstance(record.get("tokens_per_s"), float) and record["tokens_per_s"] > 0:
+            steps.append(cfg.train.global_batch_tokens / record["tokens_per_s"])
+    if not saves:
+        return DEFAULT_SIGNAL_SECONDS, "the default: no save measured in this run folder yet"
+    save, step = max(saves), max(steps[-100:], default=0.0)
+    lead = math.ceil(save + step) + SIGNAL_MARGIN_SECONDS
+    return lead, (
+        f"the longest save measured in this run ({save:.1f} s) + its longest recent step"
+        f" ({step:.1f} s) + {SIGNAL_MARGIN_SECONDS} s"
+    )
+
+
 def _env_lines(pairs: list[str]) -> str:
     """`export KEY=VALUE` per `--env`, the value quoted as given."""
     lines = []
@@ -158,8 +193,12 @@ def render(
     """The sbatch script for this run, after checking the layout fits the job."""
     if opts.launcher not in ("torchrun", "srun"):
         raise SlurmError(f"--launcher={opts.launcher!r}: choose 'torchrun' or 'srun'")
-    if opts.signal_seconds < 1:
+    if opts.signal_seconds is None:
+        signal_seconds, signal_why = signal_lead(run_dir, cfg)
+    elif opts.signal_seconds < 1:
         raise SlurmError(f"--signal-seconds={opts.signal_seconds}: must be at least 1")
+    else:
+        signal_seconds, signal_why = opts.signal_seconds, "--signal-seconds"
     layout = job_layout(cfg, opts.nodes, opts.procs)
     python = shlex.quote(python or sys.executable)
     stamp = stamp or datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
@@ -180,7 +219,8 @@ def render(
         "TASKS_PER_NODE": str(tasks),
         "SBATCH_OPTIONS": _sbatch_options(opts),
         "RUN_DIR": shlex.quote(str(run_dir)),
-        "SIGNAL_SECONDS": str(opts.signal_seconds),
+        "SIGNAL_SECONDS": str(signal_seconds),
+        "SIGNAL_WHY": signal_why,
         "REQUEUE": "#SBATCH --requeue" if opts.requeue else "#SBATCH --no-requeue",
         "REQUEUE_CONDITION": "" if opts.requeue else " && false",
         "WORKDIR": shlex.quote(str(workdir)),

@@ -9,6 +9,7 @@
 # and exit 0; the job then requeues itself and resumes from `latest`. `scontrol requeue` and
 # `scancel --signal=USR1 JOB` take the same path. A crash (a lost node, an NCCL time-out, a killed
 # process) requeues too, at most {{MAX_REQUEUES}} times in a row without progress.
+# USR1's lead: {{SIGNAL_WHY}}.
 #SBATCH --signal=USR1@{{SIGNAL_SECONDS}}
 {{REQUEUE}}
 
