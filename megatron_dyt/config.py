@@ -407,6 +407,16 @@ class TrainConfig(_Section):
     wandb_project: str | None = Field(
         None, description="Also log to this Weights & Biases project (if wandb is installed)."
     )
+    wandb_entity: str | None = Field(
+        None, description="The W&B team or user the run is logged under (null: wandb's default)."
+    )
+    wandb_name: str | None = Field(
+        None, description="The W&B run's display name (null: the run folder's name)."
+    )
+    wandb_group: str | None = Field(
+        None, description="The W&B group (a sweep's runs get the sweep's name when null)."
+    )
+    wandb_tags: list[str] = Field(default_factory=list, description="W&B tags of the run.")
 
 
 class DataConfig(_Section):

@@ -13,7 +13,8 @@ from pathlib import Path
 import distributed
 import pytest
 import torch
-from common import STEPS, train_dict
+import yaml
+from common import STEPS, tiny_dict, train_dict
 from common import train_worker as _train
 
 from megatron_dyt.config import config_from_dict
@@ -481,3 +482,48 @@ def test_checkpoints_on_a_clock(corpus, tmp_path):
         "step_0000003",
         "step_0000004",
     ]  # keep_checkpoints: 3
+
+
+def test_weights_and_biases_gets_the_configured_run_and_resumes_it(tmp_path, monkeypatch):
+    """Entity, name, group and tags from the config; the id is the run folder's, so a
+    requeued job (a new writer on the same folder) continues the same W&B run. A stand-in
+    module records what `wandb.init` is given."""
+    import types
+
+    from megatron_dyt.training.metrics import MetricsWriter
+
+    calls = []
+    fake = types.SimpleNamespace(
+        init=lambda **kw: calls.append(kw) or types.SimpleNamespace(log=None, finish=lambda: 0)
+    )
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    tree = train_dict({"tokenizer": "t", "prefix": "p", "cache": "c"})
+    tree["train"].update(
+        wandb_project="dyt",
+        wandb_entity="lab",
+        wandb_name="7b-alpha0.5",
+        wandb_group="alpha-sweep",
+        wandb_tags=["dyt", "7b"],
+    )
+    cfg = config_from_dict(tree)
+    for _ in range(2):  # the first job, then its requeue
+        MetricsWriter(tmp_path, cfg, enabled=True).close()
+    first, again = calls
+    assert first["project"] == "dyt" and first["entity"] == "lab"
+    assert first["name"] == "7b-alpha0.5" and first["group"] == "alpha-sweep"
+    assert first["tags"] == ["dyt", "7b"] and first["resume"] == "allow"
+    assert again["id"] == first["id"] and len(first["id"]) == 16
+
+
+def test_a_sweep_groups_its_runs_in_weights_and_biases(tmp_path):
+    from megatron_dyt.sweep.spec import load_spec, validate
+
+    (tmp_path / "base.yaml").write_text(
+        yaml.safe_dump(tiny_dict("dyt") | {"train": {"wandb_project": "dyt"}})
+    )
+    spec = tmp_path / "alpha.yaml"
+    spec.write_text(
+        yaml.safe_dump({"base": "base.yaml", "grid": {"model.norm.alpha_attn": [0.5, 1.0]}})
+    )
+    groups = {cfg.train.wandb_group for _, cfg in validate(load_spec(spec))}
+    assert groups == {"alpha"}  # the spec's name (here its file's)

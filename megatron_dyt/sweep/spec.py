@@ -257,4 +257,8 @@ def validate(spec: SweepSpec) -> list[tuple[Run, Config]]:
     """Expand and validate every run up front: a bad key or value fails before anything runs."""
     tree = load_base(spec)
     base_name = str(spec.base) if spec.base else "(defaults)"
+    group = spec.name or Path(spec.source).stem
+    train = tree.setdefault("train", {})
+    if train.get("wandb_project") and not train.get("wandb_group"):
+        train["wandb_group"] = group  # the sweep's runs side by side in W&B
     return [(run, run_config(tree, run, base_name)) for run in expand(spec)]

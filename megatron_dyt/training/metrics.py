@@ -202,10 +202,15 @@ class MetricsWriter:
             except ImportError:
                 print("note: train.wandb_project is set but wandb is not installed; skipping W&B")
             else:
-                # WANDB_MODE=offline is honoured by wandb itself.
+                # WANDB_MODE=offline is honoured by wandb itself. The id is the run folder's,
+                # so a requeued or resumed job continues the same W&B run.
+                t = cfg.train
                 self.wandb = wandb.init(
-                    project=cfg.train.wandb_project,
-                    name=run_dir.name,
+                    project=t.wandb_project,
+                    entity=t.wandb_entity,
+                    name=t.wandb_name or run_dir.name,
+                    group=t.wandb_group,
+                    tags=list(t.wandb_tags) or None,
                     dir=str(run_dir),
                     config=cfg.to_dict(),
                     resume="allow",
