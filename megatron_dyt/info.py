@@ -386,16 +386,38 @@ def time_estimate(
     }
 
 
-def parameter_count(cfg: Config, _cache: dict[str, int] = {}) -> int:  # noqa: B006 - memo
-    """The model's parameters, counted on the meta device once per shape (a sweep's cells
-    differ mostly in α₀, which does not change the count)."""
+def _shape_key(cfg: Config, *sections: str) -> str:
+    """`cfg` without what changes no count or byte (the name, α₀ values): a sweep's cells
+    differ mostly in α₀, so most share a key."""
     tree = cfg.to_dict()
     model = {k: v for k, v in tree["model"].items() if k != "name"}
     model["norm"] = {k: v for k, v in model["norm"].items() if not k.startswith("alpha")}
-    key = json.dumps([model, cfg.padded_vocab_size], sort_keys=True)
+    return json.dumps([model, cfg.padded_vocab_size, *(tree[s] for s in sections)], sort_keys=True)
+
+
+def parameter_count(cfg: Config, _cache: dict[str, int] = {}) -> int:  # noqa: B006 - memo
+    """The model's parameters, counted on the meta device once per shape."""
+    key = _shape_key(cfg)
     if key not in _cache:
         _cache[key] = sum(p.numel() for p in build_meta_model(cfg).parameters())
     return _cache[key]
+
+
+def sweep_fit(
+    cfgs: list[Config], gpus_per_run: int | None = None, gpu_memory: float | None = None
+) -> list[tuple[int, dict[str, Any]]]:
+    """(position, `fit_check` result) of every run of a sweep that does not fit one GPU, each
+    on `gpus_per_run` GPUs (default: its TP × PP); one estimate per distinct shape."""
+    seen: dict[str, dict[str, Any]] = {}
+    misfits = []
+    for i, cfg in enumerate(cfgs):
+        gpus = gpus_per_run or cfg.parallel.tensor * cfg.parallel.pipeline
+        key = _shape_key(cfg, "parallel", "train") + f"|{gpus}"
+        if key not in seen:
+            seen[key] = summarize(cfg, gpus=gpus, gpu_memory=gpu_memory)["fit"]
+        if not seen[key]["fits"]:
+            misfits.append((i, seen[key]))
+    return misfits
 
 
 def sweep_time(

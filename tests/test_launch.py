@@ -455,6 +455,35 @@ def test_a_job_that_fails_every_time_stops_after_max_requeues(cluster, corpus, t
 
 
 @pytest.mark.slurm
+def test_a_sweep_run_on_two_nodes_equals_a_local_run(cluster, corpus, reference, tmp_path):
+    """`sweep run --slurm --nodes-per-run 2`: the array task holds both nodes and trains its run
+    with one torchrun per node (DP 2 across them), with the losses of `launch local --nproc 2`."""
+    _, expected = reference
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(job_config(corpus)))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"base": "base.yaml", "grid": {"train.seed": [7]}}))
+    out = tmp_path / "sweep"
+    sub = subprocess.run(
+        [*CLI, "sweep", "run", str(spec), "--out", str(out), "--slurm", "--nodes-per-run", "2"],
+        env=cluster.env, capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.split("submitted job array ")[1].split()[0]
+    state = cluster.wait(f"{job}_0")
+    (entry,) = json.loads((out / "plan.json").read_text())
+    run_dir = out / entry["run_dir"]
+    log = "".join(p.read_text() for p in (out / "slurm").glob("*.out"))
+    assert state["JobState"] == "COMPLETED", log[-3000:] + cluster.diagnostics(f"{job}_0")
+    assert json.loads((run_dir / "sweep.json").read_text())["state"] == "done"
+    done = json.loads((run_dir / "checkpoints/step_0000008/complete.json").read_text())
+    assert done["world_size"] == 2
+    got = losses(run_dir)
+    assert sorted(got) == sorted(expected)
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=1e-6, abs=0), step
+
+
+@pytest.mark.slurm
 def test_sweep_as_a_job_array_with_a_preempted_task(cluster, corpus, tmp_path):
     """`sweep run --slurm` on the cluster: one array task is signalled mid-run, checkpoints,
     requeues itself and resumes; every run finishes and `sweep report` writes its files."""

@@ -164,6 +164,51 @@ def test_array_script(tmp_path):
     )
 
 
+def test_array_tasks_on_several_nodes_with_the_sites_options(tmp_path):
+    """--nodes-per-run: each array task holds N nodes, the run's GPUs split over them, and
+    run-one starts one torchrun per node through srun; --qos and raw --sbatch lines pass on."""
+    script = slurm_array.array_script(
+        tmp_path / "sw",
+        [0, 1],
+        gpus_per_run=16,
+        nodes_per_run=2,
+        qos="high",
+        extra=["--constraint=h100", "--exclusive"],
+    )
+    lines = script.splitlines()
+    for line in [
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --qos=high",
+        "#SBATCH --constraint=h100",
+        "#SBATCH --exclusive",
+    ]:
+        assert line in lines, line
+    assert lines[-1].endswith("--nproc-per-run 16 --nodes-per-run 2")
+    with pytest.raises(ValueError, match="--gpus-per-run 3 does not split over --nodes-per-run 2"):
+        slurm_array.array_script(tmp_path, [0], gpus_per_run=3, nodes_per_run=2)
+    cmd = runner.train_command(Path("c.yaml"), Path("r"), nproc=16, nodes=2)
+    assert cmd[:4] == ["srun", "--ntasks-per-node=1", "--nodes=2", "--kill-on-bad-exit=1"]
+    assert "--nnodes=2" in cmd and "--nproc-per-node=8" in cmd and "--rdzv-backend=c10d" in cmd
+
+
+def test_runs_that_would_not_fit_are_not_queued(tmp_path, capsys):
+    """Every run is checked against the GPU's memory before the array is submitted: one line
+    per run that does not fit (`info`'s estimate, what would make it fit), nothing queued."""
+    spec = _write_spec(
+        tmp_path, tiny_dict(), {"model.hidden_size": [64, 4096], "train.seed": [1, 2]}
+    )
+    args = ["sweep", "run", str(spec), "--out", str(tmp_path / "o"), "--slurm"]
+    assert main([*args, "--gpu-memory", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "2 of 4 runs would not fit one GPU; nothing was queued" in err
+    assert "sweep run 2 " in err and "sweep run 3 " in err and "sweep run 0 " not in err
+    assert "does not fit in 1 GiB" in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "sweep.sbatch").exists()
+    assert main([*args, "--gpu-memory", "1", "--no-check", "--dry-run"]) == 0
+
+
 def test_slurm_dry_run_prints_script(tmp_path, capsys):
     spec = _write_spec(tmp_path, tiny_dict(), {"train.seed": [1, 2, 3]})
     out = tmp_path / "out"

@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from megatron_dyt.arguments import positive_int
+from megatron_dyt.arguments import positive_float, positive_int
 from megatron_dyt.sweep.runner import run_local, run_one
 from megatron_dyt.sweep.slurm_array import array_script, requeue_array_task, submit
-from megatron_dyt.sweep.spec import format_value, load_spec, validate
+from megatron_dyt.sweep.spec import SweepError, format_value, load_spec, validate
 from megatron_dyt.sweep.state import prepare, read_status, skip_reason
 
 
@@ -35,6 +35,27 @@ def _time_line(args: argparse.Namespace) -> str:
     return format_sweep_time(sweep_time(cfgs, args.gpus_per_run))
 
 
+def _check_memory(args: argparse.Namespace, plan: list[dict[str, Any]], pending: list[int]) -> None:
+    """Every run to be queued fits its GPUs (`info`'s estimate), or nothing is queued."""
+    from megatron_dyt.info import sweep_fit
+
+    cfgs = dict(enumerate(cfg for _, cfg in validate(load_spec(args.spec))))
+    todo = [i for i in pending if i in cfgs]
+    misfits = sweep_fit([cfgs[i] for i in todo], args.gpus_per_run, args.gpu_memory)
+    if misfits:
+        lines = [
+            f"  sweep run {todo[k]} '{plan[todo[k]]['name']}': {fit['message']}"
+            for k, fit in misfits[:10]
+        ]
+        if len(misfits) > 10:
+            lines.append(f"  … and {len(misfits) - 10} more")
+        raise SweepError(
+            f"{len(misfits)} of {len(todo)} runs would not fit one GPU; nothing was queued"
+            " (--gpu-memory GIB names the GPU's memory; --no-check skips this):\n"
+            + "\n".join(lines)
+        )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """`sweep run`: prepare the folder, then train locally or submit one job array."""
     sweep_dir = Path(args.out or Path("runs") / f"sweep-{Path(args.spec).stem}")
@@ -47,6 +68,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not pending:
             print(f"nothing to submit: all {len(plan)} runs are done or diverged")
             return 0
+        if not args.no_check:
+            _check_memory(args, plan, pending)
         script = array_script(
             sweep_dir,
             pending,
@@ -56,6 +79,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             max_running=args.parallel,
             cpus_per_task=args.cpus_per_task,
             gpus_per_run=args.gpus_per_run or 0,
+            nodes_per_run=args.nodes_per_run,
+            qos=args.qos,
+            extra=args.sbatch,
             retry_diverged=args.retry_diverged,
         )
         if args.dry_run:
@@ -86,7 +112,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_run_one(args: argparse.Namespace) -> int:
     """`sweep run-one`: one run, as an array task; requeued when stopped early."""
     state = run_one(
-        args.sweep_dir, args.index, nproc=args.nproc_per_run, retry_diverged=args.retry_diverged
+        args.sweep_dir,
+        args.index,
+        nproc=args.nproc_per_run,
+        retry_diverged=args.retry_diverged,
+        nodes=args.nodes_per_run,
     )
     if state == "pending":  # stopped early by a signal, with a checkpoint to resume from
         requeue_array_task()
@@ -143,6 +173,31 @@ def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--time", help="SLURM time limit per run, e.g. 04:00:00")
     run.add_argument("--cpus-per-task", type=positive_int, help="SLURM CPUs per run")
     run.add_argument(
+        "--nodes-per-run",
+        type=positive_int,
+        default=1,
+        help="with --slurm: nodes of each run (its --gpus-per-run split evenly over them)",
+    )
+    run.add_argument("--qos", help="SLURM quality of service")
+    run.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="extra #SBATCH option of the array, e.g. --sbatch=--constraint=h100 (repeatable)",
+    )
+    run.add_argument(
+        "--gpu-memory",
+        type=positive_float,
+        default=None,
+        metavar="GIB",
+        help="with --slurm: memory of one GPU for the per-run fit check (default: this"
+        " machine's GPU, else 80)",
+    )
+    run.add_argument(
+        "--no-check", action="store_true", help="with --slurm: queue without the fit check"
+    )
+    run.add_argument(
         "--dry-run",
         action="store_true",
         help="validate and list the runs (with --slurm: print the sbatch script) only",
@@ -156,6 +211,9 @@ def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
     one.add_argument("sweep_dir", metavar="SWEEP_DIR")
     one.add_argument("--index", type=int, required=True, help="run index (plan.json)")
     one.add_argument("--nproc-per-run", type=positive_int, default=1, help="processes for the run")
+    one.add_argument(
+        "--nodes-per-run", type=positive_int, default=1, help="nodes of the run (srun + torchrun)"
+    )
     one.add_argument("--retry-diverged", action="store_true", help="run it even if it diverged")
     one.set_defaults(func=cmd_run_one)
 

@@ -78,9 +78,39 @@ def _die_with_parent() -> Callable[[], Any] | None:
     return lambda: prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def train_command(config: Path, run_dir: Path, nproc: int = 1) -> list[str]:
+def train_command(config: Path, run_dir: Path, nproc: int = 1, nodes: int = 1) -> list[str]:
     """`megatron-dyt train` in a fresh interpreter; several processes through torchrun's node
-    wrapper (launch/node.py), which passes SIGUSR1 on so the workers save before stopping."""
+    wrapper (launch/node.py), which passes SIGUSR1 on so the workers save before stopping; on
+    `nodes` > 1 nodes of a SLURM allocation, one such wrapper per node started by srun, with a
+    c10d rendezvous on this node (the array task's first) at a port free here."""
+    if nodes > 1:
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        head = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        job = f"{os.environ.get('SLURM_JOB_ID', 'sweep')}"
+        return [
+            "srun",
+            "--ntasks-per-node=1",
+            f"--nodes={nodes}",
+            "--kill-on-bad-exit=1",
+            sys.executable,
+            "-m",
+            "megatron_dyt.launch.node",
+            f"--nnodes={nodes}",
+            f"--nproc-per-node={max(1, nproc // nodes)}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={head}:{port}",
+            f"--rdzv-id={job}",
+            "--max-restarts=0",
+            "-m",
+            "megatron_dyt.cli",
+            "train",
+            str(config),
+            "--run-dir",
+            str(run_dir),
+            "--no-progress",
+        ]
     if nproc > 1:
         return local.command(str(config), ["--no-progress"], run_dir, nproc)
     cli = ["-m", "megatron_dyt", "train", str(config), "--run-dir", str(run_dir), "--no-progress"]
@@ -106,6 +136,7 @@ def execute(
     children: _Children | None = None,
     retry_diverged: bool = False,
     gpus: str | None = None,
+    nodes: int = 1,
 ) -> dict[str, Any]:
     """Train one planned run to its end and record how it ended in its sweep.json; a run that
     another sweep process holds, or that finished or diverged meanwhile, is left alone."""
@@ -118,7 +149,7 @@ def execute(
             return unchanged
         if skip_reason(sweep_dir, entry, retry_diverged, held=True):  # done since the plan
             return {**read_status(run_dir), "index": entry["index"], "name": entry["name"]}
-        return _train(sweep_dir, entry, run_dir, nproc, threads, children, gpus)
+        return _train(sweep_dir, entry, run_dir, nproc, threads, children, gpus, nodes)
 
 
 def _train(
@@ -129,6 +160,7 @@ def _train(
     threads: int | None,
     children: _Children | None,
     gpus: str | None,
+    nodes: int = 1,
 ) -> dict[str, Any]:
     log = run_dir / "train.log"
     start = log.stat().st_size if log.exists() else 0
@@ -146,7 +178,7 @@ def _train(
         env["OMP_NUM_THREADS"] = str(threads)
     if gpus is not None:  # this run's own GPUs when several runs share the machine
         env["CUDA_VISIBLE_DEVICES"] = gpus
-    cmd = train_command(sweep_dir / entry["config"], run_dir, nproc)
+    cmd = train_command(sweep_dir / entry["config"], run_dir, nproc, nodes)
     with open(log, "ab") as fh:
         fh.write(f"$ {' '.join(cmd)}\n".encode())
         fh.flush()
@@ -186,7 +218,12 @@ def _train(
 
 
 def run_one(
-    sweep_dir: str | Path, index: int, *, nproc: int = 1, retry_diverged: bool = False
+    sweep_dir: str | Path,
+    index: int,
+    *,
+    nproc: int = 1,
+    retry_diverged: bool = False,
+    nodes: int = 1,
 ) -> str:
     """One run of a prepared sweep: what each SLURM array task calls. Returns its final state."""
     sweep_dir = Path(sweep_dir)
@@ -209,6 +246,7 @@ def run_one(
             threads=int(threads) if threads else None,
             children=children,
             retry_diverged=retry_diverged,
+            nodes=nodes,
         )
     finally:
         for sig, handler in previous.items():

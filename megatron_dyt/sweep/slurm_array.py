@@ -47,13 +47,23 @@ def array_script(
     max_running: int | None = None,
     cpus_per_task: int | None = None,
     gpus_per_run: int = 0,
+    nodes_per_run: int = 1,
+    qos: str | None = None,
+    extra: Sequence[str] = (),
     python: str | None = None,
     workdir: str | Path | None = None,
     retry_diverged: bool = False,
 ) -> str:
-    """An sbatch script whose array task i trains run i of the sweep (`sweep run-one`)."""
+    """An sbatch script whose array task i trains run i of the sweep (`sweep run-one`), on
+    `nodes_per_run` nodes with `gpus_per_run` GPUs (processes) in all; `extra` are raw
+    `#SBATCH` options."""
     if not indices:
         raise SweepError("no runs to submit: every run of this sweep is done or diverged")
+    if nodes_per_run > 1 and gpus_per_run % nodes_per_run:
+        raise SweepError(
+            f"--gpus-per-run {gpus_per_run} does not split over --nodes-per-run {nodes_per_run}:"
+            " give a multiple of the nodes"
+        )
     sweep_dir = Path(sweep_dir).resolve()
     array = array_ranges(indices) + (f"%{max_running}" if max_running else "")
     lines = [
@@ -62,8 +72,8 @@ def array_script(
         f"#SBATCH --array={array}",
         f"#SBATCH --output={sweep_dir}/slurm/%A_%a.out",
         f"#SBATCH --chdir={Path(workdir or os.getcwd()).resolve()}",
-        "#SBATCH --nodes=1",
-        "#SBATCH --ntasks=1",
+        f"#SBATCH --nodes={nodes_per_run}",
+        "#SBATCH --ntasks-per-node=1",
         # The trainer checkpoints on SIGUSR1; `run-one` passes it on from the batch shell and
         # then requeues the task, which resumes from that checkpoint.
         "#SBATCH --signal=B:USR1@120",
@@ -76,11 +86,15 @@ def array_script(
         lines.append(f"#SBATCH --account={account}")
     if time_limit:
         lines.append(f"#SBATCH --time={time_limit}")
+    if qos:
+        lines.append(f"#SBATCH --qos={qos}")
     if cpus_per_task:
         lines.append(f"#SBATCH --cpus-per-task={cpus_per_task}")
     if gpus_per_run:
-        lines.append(f"#SBATCH --gpus-per-task={gpus_per_run}")
+        lines.append(f"#SBATCH --gpus-per-node={gpus_per_run // nodes_per_run}")
+    lines += [f"#SBATCH {option}" for option in extra]
     options = f" --nproc-per-run {gpus_per_run}" if gpus_per_run > 1 else ""
+    options += f" --nodes-per-run {nodes_per_run}" if nodes_per_run > 1 else ""
     options += " --retry-diverged" if retry_diverged else ""  # submitted for it: the task must too
     lines += [
         "",
