@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("megatron_dyt.model", "megatron_dyt.info"),
     ("megatron_dyt.data",),
     ("megatron_dyt.checkpoint",),
-    ("megatron_dyt.eval",),
+    ("megatron_dyt.eval", "megatron_dyt.inference"),
     ("megatron_dyt.training",),
     ("megatron_dyt.convert", "megatron_dyt.launch", "megatron_dyt.sweep",
      "megatron_dyt.kernels.bench", "megatron_dyt.kernels.bench_host",
