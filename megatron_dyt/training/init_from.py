@@ -80,10 +80,8 @@ def _hf_source(path: Path) -> InitSource:
     from megatron_dyt.convert.mapping import OUR_CONFIG_KEY, model_section_from_hf
 
     hf = read_hf_config(path)
-    if OUR_CONFIG_KEY in hf:  # our own export: its config says what the model was
-        model = hf[OUR_CONFIG_KEY]["model"]
-    else:
-        model = model_section_from_hf(hf)
+    # our own export: its config says what the model was
+    model = hf[OUR_CONFIG_KEY]["model"] if OUR_CONFIG_KEY in hf else model_section_from_hf(hf)
     return InitSource(
         path=path,
         weights=untie_head(read_hf_weights(path, progress=False), hf, path),
