@@ -1,4 +1,4 @@
-"""The `megatron-dyt` command: info, config, train, eval, data, launch, convert, sweep."""
+"""The `megatron-dyt` command: info, config, train, eval, generate, data, launch, convert, sweep."""
 
 from __future__ import annotations
 

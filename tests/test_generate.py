@@ -172,3 +172,32 @@ def test_bad_numbers_are_usage_errors(checkpoint, capsys):
         cli.main(["generate", str(checkpoint), "--prompt", "a", "--temperature", "-1"])
     assert exc.value.code == 2
     assert "expected a finite number >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a subprocess that imports megatron-core and transformers (~15 s)
+def test_gpu_generate_benchmark_runs_tiny_on_cpu(tmp_path):
+    """`benchmarks/gpu_generate.py --tiny`: the export, a stock LlamaForCausalLM and our decoder
+    all generate and reach the JSON, so the lent GPU's minutes go to measuring."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gen.json"
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks/gpu_generate.py"), str(out), "--tiny"]
+        + ["--new", "8", "--prompt-len", "6", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["export_class"] == "MegatronDytLlamaForCausalLM"
+    assert report["export_attn_implementation"] == "sdpa"
+    for key in ("export_tokens_per_s", "llama_tokens_per_s", "ours_tokens_per_s"):
+        assert report[key] > 0
+    assert report["export_ours_identical_prefix"] == 8  # fp32: the same greedy tokens
