@@ -201,3 +201,11 @@ def test_gpu_generate_benchmark_runs_tiny_on_cpu(tmp_path):
     for key in ("export_tokens_per_s", "llama_tokens_per_s", "ours_tokens_per_s"):
         assert report[key] > 0
     assert report["export_ours_identical_prefix"] == 8  # fp32: the same greedy tokens
+
+
+def test_generate_command_prints_the_new_text(checkpoint, capsys):
+    text, _ = generate_text(checkpoint, PROMPT, max_new_tokens=5)
+    assert cli.main(["generate", str(checkpoint), "--prompt", PROMPT, "--max-new-tokens", "5"]) == 0
+    out, err = capsys.readouterr()
+    assert out == text + "\n"
+    assert "prompt tokens, 5 new (stopped by --max-new-tokens)" in err and "tokens/s" in err
