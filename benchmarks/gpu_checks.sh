@@ -3,7 +3,7 @@
 # root on the device machine with `.whl` carried: it holds the wheels of
 # ../shared/tools/device-wheels.sh plus this project's own (`pip wheel --no-deps -w .whl .`).
 # Every phase has its own time limit and writes its log and results under $OUT; together they
-# stay under the device tool's 600 s per call (80 + 30 + 70 + 330 s, plus the install).
+# stay under the device tool's 600 s per call (80 + 30 + 70 + 80 + 250 s, plus the install).
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 REPO=$(pwd)
@@ -25,8 +25,10 @@ phase tests "${TESTS_S:-80}" python3 -m pytest -q -p no:cacheprovider -o addopts
   "$REPO/tests/test_kernels.py"
 phase host 30 python3 -m megatron_dyt.kernels.bench_host --json "$OUT/host.json"
 phase step "${STEP_S:-70}" python3 -m megatron_dyt.kernels.bench_step --json "$OUT/step.json"
+# Generation tokens/s: the HF export vs a stock LlamaForCausalLM of its shape vs our decoder.
+phase generate "${GEN_S:-80}" python3 "$REPO/benchmarks/gpu_generate.py" "$OUT/generate.json"
 # Block sizes: tune ours on the two large shapes for at most TUNE_S seconds (the current
 # defaults first), then the whole table with the choice. kernels.json is rewritten after every
 # row, so a phase stopped at its limit still returns what it measured ("complete": false).
-phase bench "${BENCH_S:-330}" python3 -m megatron_dyt.kernels.bench --tune \
-  --tune-shapes 16384x4096,32768x8192 --tune-budget "${TUNE_S:-110}" --json "$OUT/kernels.json"
+phase bench "${BENCH_S:-250}" python3 -m megatron_dyt.kernels.bench --tune \
+  --tune-shapes 16384x4096,32768x8192 --tune-budget "${TUNE_S:-80}" --json "$OUT/kernels.json"

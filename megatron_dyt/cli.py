@@ -1,4 +1,4 @@
-"""The `megatron-dyt` command: info, config, train, eval, data, launch, convert, sweep."""
+"""The `megatron-dyt` command: info, config, train, eval, generate, data, launch, convert, sweep."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ import warnings
 from pathlib import Path
 
 from megatron_dyt import __version__
-from megatron_dyt.arguments import fraction, positive_float, positive_int
+from megatron_dyt.arguments import (
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from megatron_dyt.errors import MegatronDyTError, UsageError
 
 
@@ -126,6 +132,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if out.table is not None:
         print("\n" + out.table)
         print(f"results: {out.out_dir / 'results.json'}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from megatron_dyt.inference.generate import Sampling, generate_text
+
+    sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    text, result = generate_text(
+        args.checkpoint,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        sampling=sampling,
+        overrides=args.overrides,
+    )
+    if dist.get_rank() == 0:
+        print(text, flush=True)
+        end = "EOS" if result.stopped_at_eos else "--max-new-tokens"
+        print(
+            f"{len(result.prompt)} prompt tokens, {len(result.tokens)} new (stopped by {end});"
+            f" prefill {result.prefill_s:.3f} s, decoding {result.tokens_per_s:.1f} tokens/s",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -260,6 +290,38 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=positive_int, default=None, help="at most N documents per task")
     ev.add_argument("--out", help="output folder (default: <run>/eval/<step>)")
     ev.set_defaults(func=cmd_eval)
+
+    gen = sub.add_parser(
+        "generate",
+        help="continue a prompt with a checkpoint (KV cache; greedy or sampled)",
+        description="Generate text from a checkpoint at the layout it was saved with (launch as"
+        " many processes as it had, e.g. with torchrun) or at TP=PP=1 in one process. No BOS is"
+        " added to the prompt; decoding stops at EOS. The new text goes to stdout.",
+    )
+    gen.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="run folder, its checkpoints/ or a step_* folder"
+    )
+    gen.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.precision=fp32")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument(
+        "--max-new-tokens", type=positive_int, default=64, help="at most N new tokens (default 64)"
+    )
+    gen.add_argument(
+        "--temperature",
+        type=non_negative_float,
+        default=0.0,
+        help="sampling temperature (default 0: greedy)",
+    )
+    gen.add_argument(
+        "--top-p",
+        type=positive_float,
+        default=1.0,
+        help="sample from the smallest set of tokens whose probability reaches P (default 1)",
+    )
+    gen.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of the sampling (default 0)"
+    )
+    gen.set_defaults(func=cmd_generate)
 
     from megatron_dyt.convert.cli import add_convert_parser
     from megatron_dyt.data.cli import add_data_commands

@@ -417,6 +417,28 @@ class TrainConfig(_Section):
         None, description="The W&B group (a sweep's runs get the sweep's name when null)."
     )
     wandb_tags: list[str] = Field(default_factory=list, description="W&B tags of the run.")
+    init_from: str | None = Field(
+        None,
+        description="Start from these weights: a checkpoint of ours (a run folder, its"
+        " checkpoints/ or a step_* folder, saved at any TP/PP/ZeRO layout) or a Hugging Face"
+        " LLaMA folder; resharded to this run's layout, with a fresh optimizer, lr schedule and"
+        " data position (step 0). Only for a fresh run: a run folder with a checkpoint resumes"
+        " from it and ignores this.",
+    )
+    init_from_convert_norms: bool = Field(
+        False,
+        description="init_from holds an RMSNorm model and model.norm.kind is dyt or derf: keep"
+        " its γ, set α = α₀ of each site (β = 0, s = s₀) and a missing embedding scale to 1.0,"
+        " as `convert from-hf --norm` does.",
+    )
+
+    @model_validator(mode="after")
+    def _check_init_from(self) -> TrainConfig:
+        if self.init_from_convert_norms and not self.init_from:
+            raise ValueError(
+                "init_from_convert_norms=true needs init_from (the weights to convert)"
+            )
+        return self
 
 
 class DataConfig(_Section):
@@ -567,6 +589,16 @@ class Config(_Section):
             raise ValueError(
                 f"model.seq_length={m.seq_length} is not divisible by parallel.tensor={p.tensor};"
                 " sequence parallelism gives every tensor-parallel rank an equal part of it"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_init_from(self) -> Config:
+        kind = self.model.norm.kind
+        if self.train.init_from_convert_norms and kind not in ("dyt", "derf"):
+            raise ValueError(
+                f"train.init_from_convert_norms=true turns RMSNorms into DyT or Derf, but"
+                f" model.norm.kind={kind!r}; allowed: 'dyt', 'derf' (or set it false)"
             )
         return self
 

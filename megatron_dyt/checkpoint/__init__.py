@@ -27,12 +27,13 @@ from megatron_dyt.checkpoint.format import (
     tag_for,
 )
 from megatron_dyt.checkpoint.protocol import load, save
-from megatron_dyt.checkpoint.reader import rank_weights, read_full_state_dict
+from megatron_dyt.checkpoint.reader import FullWeights, rank_weights, read_full_state_dict
 from megatron_dyt.checkpoint.universal import load_universal, universal_of
 from megatron_dyt.checkpoint.writer import write_checkpoint
 
 __all__ = [
     "COMPLETE",
+    "FullWeights",
     "LATEST",
     "WEIGHTS_ONLY",
     "CheckpointError",

@@ -9,6 +9,7 @@ weights with their Adam moments (`read_stage`, for writing the universal form).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,25 +93,65 @@ def read_full_state_dict(
 
 
 def _read_full(folder: Path, cfg: Config) -> dict[str, torch.Tensor]:
-    if is_universal(folder):  # written by `convert reshard`: full tensors already
-        return read_universal_weights(folder)
-    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
-    if cfg.parallel.zero_stage == 3:
-        if tp > 1:
-            raise CheckpointError(
-                f"'{folder}': reading ZeRO-3 checkpoints with parallel.tensor={tp} is not"
-                " supported yet (ZeRO-3 with TP=1 is)"
-            )
-        return ds.zero3_fp32_weights(folder)
-    shards = [{} for _ in range(tp)]
-    for rank in range(tp):
-        for stage in range(pp):
-            shards[rank].update(rank_weights(folder, cfg, stage, rank))
-    full = {}
-    for name, tensor in shards[0].items():
-        split = tp_split(name)
-        full[name] = tensor if split is None else merge_shards([s[name] for s in shards], split)
-    return full
+    weights = FullWeights(folder, cfg)
+    return {name: weights[name] for name in weights}
+
+
+class FullWeights(Mapping[str, torch.Tensor]):
+    """A checkpoint's full (TP-merged, all stages) weights by canonical name, read one tensor
+    at a time: the per-rank files are memory-mapped and a tensor's TP shards are merged only
+    when it is asked for, so a reader holds one full tensor at a time, not the model (starting
+    a run from another run's weights: `training/init_from.py`). `cfg` is the checkpoint's own
+    config; vocabulary tensors come back with its padding. ZeRO-3 checkpoints (TP=1 only) are
+    read whole: DeepSpeed's partitions are flat."""
+
+    def __init__(self, folder: Path, cfg: Config):
+        self.folder, self.cfg = folder, cfg
+        self._whole: dict[str, torch.Tensor] | None = None
+        self._universal = is_universal(folder)
+        self._shards: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._stage_of: dict[str, int] = {}
+        tp = cfg.parallel.tensor
+        if self._universal:
+            self._names = dict.fromkeys(read_meta(folder)["params"])
+        elif cfg.parallel.zero_stage == 3:
+            if tp > 1:
+                raise CheckpointError(
+                    f"'{folder}': reading ZeRO-3 checkpoints with parallel.tensor={tp} is not"
+                    " supported yet (ZeRO-3 with TP=1 is)"
+                )
+            self._whole = ds.zero3_fp32_weights(folder)
+            self._names = dict.fromkeys(self._whole)
+        else:
+            for stage in range(cfg.parallel.pipeline):
+                for name in self._rank(stage, 0):
+                    self._stage_of[name] = stage
+            self._names = dict.fromkeys(self._stage_of)
+
+    def _rank(self, stage: int, tp_rank: int) -> dict[str, torch.Tensor]:
+        key = (stage, tp_rank)
+        if key not in self._shards:
+            self._shards[key] = rank_weights(self.folder, self.cfg, stage, tp_rank)
+        return self._shards[key]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        if self._whole is not None:
+            return self._whole[name]
+        if self._universal:
+            return torch.load(universal_param_file(self.folder, name), weights_only=True)["weight"]
+        stage, split = self._stage_of[name], tp_split(name)
+        if split is None:
+            return self._rank(stage, 0)[name]
+        parts = [self._rank(stage, r)[name] for r in range(self.cfg.parallel.tensor)]
+        return merge_shards(parts, split)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def read_meta(folder: Path) -> dict[str, Any]:

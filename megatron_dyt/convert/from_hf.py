@@ -148,6 +148,24 @@ def read_hf_weights(hf_dir: Path, progress: bool = True) -> dict[str, torch.Tens
     return {k: v for k, v in out.items() if not k.endswith("rotary_emb.inv_freq")}
 
 
+def untie_head(
+    weights: dict[str, torch.Tensor], hf: dict[str, Any], hf_dir: Path
+) -> dict[str, torch.Tensor]:
+    """A tied output head (`tie_word_embeddings`) as its own tensor, a copy of the embeddings:
+    our model keeps them separate."""
+    if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
+        if not hf.get("tie_word_embeddings", False):
+            raise ConvertError(f"'{hf_dir}': tensor 'lm_head.weight' is missing")
+        warnings.warn(
+            "the HF model ties its output head to the embeddings (tie_word_embeddings=true);"
+            " our model keeps them separate: the head starts as a copy of the embeddings",
+            ConvertNotice,
+            stacklevel=3,
+        )
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    return weights
+
+
 def target_config(
     hf: dict[str, Any],
     hf_dir: Path,
@@ -224,21 +242,27 @@ def convert_norms(
     full: dict[str, torch.Tensor], source: Config, target: Config
 ) -> dict[str, torch.Tensor]:
     """RMSNorm weights → DyT/Derf weights (γ kept, α = α₀ per site, β = 0, shift = s₀)."""
-    norm = target.model.norm
-    out = dict(full)
+    return {**full, **norm_conversion(source, target)}
+
+
+def norm_conversion(source: Config, target: Config) -> dict[str, torch.Tensor]:
+    """The tensors an RMSNorm model lacks as a `target` model: per norm site α = α₀ of the site
+    (β = 0, Derf's shift = s₀; LayerNorm's β = 0), and the embedding scale at 1.0 if only the
+    target has one. The RMSNorm γ are kept as they are (same names)."""
+    norm, h = target.model.norm, target.model.hidden_size
+    out: dict[str, torch.Tensor] = {}
     sites = [("attention", f"layers.{i}.attention_norm") for i in range(target.model.num_layers)]
     sites += [("mlp", f"layers.{i}.mlp_norm") for i in range(target.model.num_layers)]
     sites.append(("final", "output.norm"))
     for site, name in sites:
-        gamma = full[name + ".weight"]
         if norm.kind in ("dyt", "derf"):
             out[name + ".alpha"] = torch.full((1,), norm.alpha(site))
             if norm.beta:
-                out[name + ".bias"] = torch.zeros_like(gamma)
+                out[name + ".bias"] = torch.zeros(h)
         if norm.kind == "derf":
             out[name + ".shift"] = torch.full((1,), norm.derf_shift)
         if norm.kind == "layernorm":
-            out[name + ".bias"] = torch.zeros_like(gamma)
+            out[name + ".bias"] = torch.zeros(h)
     if target.model.embedding_scale and not source.model.embedding_scale:
         out["embedding.scale"] = torch.ones(1)
     return out
@@ -279,17 +303,7 @@ def import_from_hf(
     source, target = target_config(
         hf, hf_dir, tp=tp, pp=pp, config=config, overrides=overrides, norm=norm, name=name
     )
-    weights = read_hf_weights(hf_dir, progress)
-    if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
-        if not hf.get("tie_word_embeddings", False):
-            raise ConvertError(f"'{hf_dir}': tensor 'lm_head.weight' is missing")
-        warnings.warn(
-            "the HF model ties its output head to the embeddings (tie_word_embeddings=true);"
-            " our model keeps them separate: the head starts as a copy of the embeddings",
-            ConvertNotice,
-            stacklevel=2,
-        )
-        weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    weights = untie_head(read_hf_weights(hf_dir, progress), hf, hf_dir)
     rows = weights.get("model.embed_tokens.weight", torch.empty(0, 0)).shape[0]
     source_cfg = _with_vocab(source, target)
     full = from_hf_state_dict(weights, source_cfg, str(hf_dir))

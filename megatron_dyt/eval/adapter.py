@@ -25,6 +25,7 @@ from megatron.core import parallel_state as ps
 from torch import nn
 from tqdm import tqdm
 
+from megatron_dyt.model import KVCache, forward_cached
 from megatron_dyt.parallel import tp_group
 
 
@@ -49,16 +50,22 @@ class ParallelForward:
         self.pipeline = ps.get_pipeline_model_parallel_world_size() > 1
 
     @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor | None:
-        """tokens [b, s] on every stage → masked logits [s, b, v/tp] on the last stage, else None."""
+    def __call__(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor | None:
+        """tokens [b, s] on every stage → masked logits [s, b, v/tp] on the last stage, else None.
+        With a KV cache (`module` a `LlamaModel` or a `stage_module`) `tokens` are the new
+        positions after the ones the cache holds."""
         info = self.info
         b, s = tokens.shape
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return self.module(x) if cache is None else forward_cached(self.module, x, cache)
+
         if info.first:
-            x = self.module(tokens.to(info.device))
+            x = run(tokens.to(info.device))
         else:
             x = torch.empty(s, b, info.hidden_size, dtype=info.dtype, device=info.device)
             dist.recv(x, ps.get_pipeline_model_parallel_prev_rank())
-            x = self.module(x)
+            x = run(x)
         if not info.last:
             dist.send(x.contiguous(), ps.get_pipeline_model_parallel_next_rank())
             return None
@@ -296,6 +303,20 @@ def _is_rank0() -> bool:
     return dist.get_rank() == 0
 
 
+def stage_info(cfg, device: torch.device, dtype: torch.dtype) -> StageInfo:
+    """Where this rank's module sits, from megatron-core's process groups."""
+    stage = ps.get_pipeline_model_parallel_rank()
+    stages = ps.get_pipeline_model_parallel_world_size()
+    return StageInfo(
+        first=stage == 0,
+        last=stage == stages - 1,
+        hidden_size=cfg.model.hidden_size,
+        vocab_size=cfg.model.vocab_size,
+        dtype=dtype,
+        device=device,
+    )
+
+
 def make_lm(
     module: nn.Module,
     cfg,
@@ -305,14 +326,5 @@ def make_lm(
     batch_size: int | str,
 ) -> MegatronDyTLM:
     """The adapter for this rank's module (a `LlamaModel`, a stage, or a DeepSpeed PipelineModule)."""
-    stage = ps.get_pipeline_model_parallel_rank()
-    stages = ps.get_pipeline_model_parallel_world_size()
-    info = StageInfo(
-        first=stage == 0,
-        last=stage == stages - 1,
-        hidden_size=cfg.model.hidden_size,
-        vocab_size=cfg.model.vocab_size,
-        dtype=dtype,
-        device=device,
-    )
+    info = stage_info(cfg, device, dtype)
     return MegatronDyTLM(module, info, tokenizer, cfg.model.seq_length, batch_size=batch_size)

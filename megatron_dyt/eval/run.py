@@ -8,7 +8,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 import yaml
 
@@ -111,20 +110,6 @@ def evaluate(
     return results if dist.get_rank() == 0 else None
 
 
-def _at_saved_layout(folder: Path, saved, cfg) -> bool:
-    """Whether each rank can load its own shard as saved: same TP and PP (any DP), and a
-    checkpoint of per-rank files (not ZeRO-3 partitions or a layout-free universal one)."""
-    from megatron_dyt.checkpoint import is_universal
-
-    s, c = saved.parallel, cfg.parallel
-    return (
-        (s.tensor, s.pipeline) == (c.tensor, c.pipeline)
-        and s.zero_stage < 3
-        and saved.padded_vocab_size == cfg.padded_vocab_size
-        and not is_universal(folder)
-    )
-
-
 def evaluate_checkpoint(
     checkpoint: str | Path,
     tasks: list[str],
@@ -136,63 +121,21 @@ def evaluate_checkpoint(
 ) -> EvalOutput:
     """Load a training checkpoint at its layout (or TP=PP=1 in one process) and evaluate it."""
     from megatron_dyt import checkpoint as ckpt
-    from megatron_dyt import parallel
-    from megatron_dyt.config import apply_overrides, config_from_dict
     from megatron_dyt.data import Tokenizer
     from megatron_dyt.eval.adapter import make_lm
-    from megatron_dyt.layout import precision
-    from megatron_dyt.model import (
-        LlamaModel,
-        load_full_state_dict,
-        load_local_state_dict,
-        stage_module,
-    )
+    from megatron_dyt.inference.load import inference_config, load_module
 
-    folder = ckpt.resolve(checkpoint)
+    folder, saved, cfg = inference_config(checkpoint, overrides)
     out = Path(out_dir) if out_dir else folder.parent.parent / "eval" / folder.name
     if out.exists() and not out.is_dir():  # found now, not after the evaluation
         raise EvalError(f"--out '{out}' is a file; give a folder for the results")
-    saved = ckpt.read_config(folder)
-    tree = saved.to_dict()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    layout = tree["parallel"]
-    if world % (layout["tensor"] * layout["pipeline"]) and world != 1:
-        raise EvalError(
-            f"{world} processes cannot hold the checkpoint's layout TP {layout['tensor']} ×"
-            f" PP {layout['pipeline']}; launch a multiple of {layout['tensor'] * layout['pipeline']}"
-            " processes, or one process (TP=PP=1)"
-        )
-    if world == 1:
-        layout.update(tensor=1, pipeline=1)
-    layout.update(zero_stage=0, sequence_parallel=False)
-    apply_overrides(tree, overrides)
-    cfg = config_from_dict(tree, f"{folder / 'config.yaml'} + overrides", saved=True)
 
     manager = task_manager()
     check_task_names(tasks, sorted(manager.all_tasks))
     check_datasets(tasks, manager)
 
-    parallel.setup(cfg.parallel)
-    from megatron.core import parallel_state as ps
-
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
-    dtype = precision(cfg)
-    stage = ps.get_pipeline_model_parallel_rank()
-    module = LlamaModel(cfg) if cfg.parallel.pipeline == 1 else stage_module(cfg, stage)
-    if _at_saved_layout(folder, saved, cfg):
-        # every rank reads its own shard only: a 70B model is never whole in one process
-        shard = ckpt.rank_weights(folder, saved, stage, ps.get_tensor_model_parallel_rank())
-        load_local_state_dict(module, shard)
-        del shard
-    else:
-        full = ckpt.read_full_state_dict(folder, saved, vocab_rows=cfg.padded_vocab_size)
-        load_full_state_dict(module, full)
-        del full
-    module = module.to(device=device, dtype=dtype).eval()
+    loaded = load_module(folder, saved, cfg)
+    module, device, dtype = loaded.module, loaded.device, loaded.dtype
     tokenizer = Tokenizer(folder / "tokenizer.model")
     lm = make_lm(module, cfg, tokenizer, device, dtype, batch_size)
     results = evaluate(lm, tasks, limit=limit, manager=manager)

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_dyt.config import ModelConfig
 from megatron_dyt.errors import UsageError
+from megatron_dyt.model.kv_cache import LayerCache
 from megatron_dyt.model.layers import column_parallel, row_parallel
 from megatron_dyt.model.rope import apply_rope, rope_cos_sin
 
@@ -23,6 +24,18 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
     out = F.scaled_dot_product_attention(
         q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
+    )
+    return out.permute(2, 0, 1, 3)
+
+
+def _sdpa_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """New queries [s, b, heads, d] against every cached key [t, b, kv_heads, d] (t ≥ s): query i
+    sits at position t − s + i and sees keys 0 … t − s + i."""
+    s, t = q.shape[0], k.shape[0]
+    mask = None if s == 1 else torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
+    q, k, v = (x.permute(1, 2, 0, 3) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1]
     )
     return out.permute(2, 0, 1, 3)
 
@@ -90,7 +103,21 @@ class Attention(nn.Module):
         out = _flash(q, k, v) if use_flash else _sdpa(q, k, v)
         return out.reshape(out.shape[0], out.shape[1], -1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def cached_core(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache
+    ) -> torch.Tensor:
+        """Attention of the new positions over the cache after appending their k, v. The
+        prefill (an empty cache) runs the training core, so its logits are the full forward's."""
+        prefill = cache.length == 0
+        k, v = cache.append(k, v)
+        if prefill:
+            return self.core(q, k, v)
+        out = _sdpa_cached(q, k, v)
+        return out.reshape(out.shape[0], out.shape[1], -1)
+
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """Training and full forwards: `cache` None. Decoding: the new positions of x, which
+        follow the `cache.length` positions the cache holds (docs/design.md §13)."""
         qkv, _ = self.qkv(x)  # under sequence parallelism this gathers the full sequence
         s, b, _ = qkv.shape
         qkv = qkv.view(s, b, self.kv_heads, self.q_per_kv + 2, self.head_dim)
@@ -98,9 +125,16 @@ class Attention(nn.Module):
         # v is copied out: attention saves it for the backward, and a view would keep the whole
         # fused qkv output alive with it (q and k are already new tensors after RoPE).
         k, v = qkv[:, :, :, -2], qkv[:, :, :, -1].contiguous()
-        cos, sin = self._rope(s, x.device)
+        if cache is None:
+            cos, sin = self._rope(s, x.device)
+        else:  # one table for the whole decode, sliced at the new positions
+            at = cache.next_positions(s)
+            cos, sin = self._rope(cache.capacity, x.device)
+            cos, sin = cos[at], sin[at]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.recompute_core and torch.is_grad_enabled():
+        if cache is not None:
+            out = self.cached_core(q, k, v, cache)
+        elif self.recompute_core and torch.is_grad_enabled():
             out = checkpoint(self.core, q, k, v, use_reentrant=False)
         else:
             out = self.core(q, k, v)

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron_dyt.config import Config, ModelConfig
 from megatron_dyt.errors import UsageError
 from megatron_dyt.model.attention import Attention
+from megatron_dyt.model.kv_cache import KVCache, LayerCache
 from megatron_dyt.model.layers import (
     BuildSpec,
     column_parallel,
@@ -88,13 +89,16 @@ class TransformerBlock(nn.Module):
         self.mlp = SwiGLU(m, mcfg)
         mark_replicated(self, spec.sequence_parallel)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         # h = x + attn(...) and mlp_norm(h) in one call: the triton backend fuses the residual
         # add into the norm (one read and write of the hidden state fewer); same numbers.
-        h, y = self.mlp_norm.forward_residual(x, self.attention(self.attention_norm(x)))
+        h, y = self.mlp_norm.forward_residual(x, self.attention(self.attention_norm(x), cache))
         return h + self.mlp(y)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """`cache`: this block's KV cache when decoding (`model/kv_cache.py`); None in training."""
+        if cache is not None:
+            return self._forward(x, cache)
         if self.recompute_block and torch.is_grad_enabled():
             return checkpoint(self._forward, x, use_reentrant=False)
         return self._forward(x)
@@ -179,6 +183,25 @@ def pipeline_module(cfg: Config, topology: Any, **kwargs: Any) -> nn.Module:
     if [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)] != parts:
         raise AssertionError(f"DeepSpeed split the layers {module.parts}, not as {parts}")
     return module
+
+
+def stage_children(module: nn.Module) -> list[nn.Module]:
+    """The stage layers of a `LlamaModel` or of a `stage_module`, in order."""
+    if isinstance(module, LlamaModel):
+        return [module.embedding, *module.layers, module.output]
+    return list(module)
+
+
+def forward_cached(module: nn.Module, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Run a `LlamaModel` or a pipeline stage (`stage_module`) on new positions with the KV
+    cache: token ids [b, s] on the first stage, activations [s, b, h] elsewhere; the last stage
+    returns vocab-parallel logits [s, b, v/tp]."""
+    for layer in stage_children(module):
+        if isinstance(layer, TransformerBlock):
+            x = layer(x, cache.layer(layer.layer_number))
+        else:
+            x = layer(x)
+    return x
 
 
 class LlamaModel(nn.Module):

@@ -32,6 +32,7 @@ from megatron_dyt.layout import batch_layout, data_parallel_size, run_layout
 from megatron_dyt.model.groups import GROUPING
 from megatron_dyt.training.batches import StepBatches
 from megatron_dyt.training.engine import build_model, deepspeed_config, initialize
+from megatron_dyt.training.init_from import load_init_weights
 from megatron_dyt.training.metrics import (
     MetricsWriter,
     NormStats,
@@ -379,7 +380,11 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg, ds_config)
-        init_weights(self.model, cfg.model, cfg.train.seed)
+        self.init_source = None
+        if self.resume_tag is None and cfg.train.init_from:
+            self.init_source = load_init_weights(self.model, cfg)
+        else:
+            init_weights(self.model, cfg.model, cfg.train.seed)
         if self.resume_tag is not None and not self.resharded:
             folder = self.ckpt_root / self.resume_tag
             changed = _optimizer_groups_changed(cfg, folder, self.model)
@@ -425,8 +430,16 @@ class Trainer:
     def resume(self) -> None:
         """Continue from the run folder's latest checkpoint, if it has one."""
         if self.resume_tag is None:
+            if self.is_rank0 and self.init_source is not None:
+                print(
+                    f"starting from the weights of {self.init_source.describe()}"
+                    " (train.init_from: fresh optimizer, lr schedule and data position)",
+                    flush=True,
+                )
             return
         folder = self.ckpt_root / self.resume_tag
+        if self.is_rank0 and self.cfg.train.init_from:
+            print(f"train.init_from ignored: resuming from {folder}", flush=True)
         state = self._load(self.resume_tag, self.resharded)
         self.position = Position.from_state(state)
         if self.is_rank0 and state.get("weights_only"):
