@@ -116,8 +116,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from megatron_dyt import checkpoint
     from megatron_dyt.config import config_from_dict
     from megatron_dyt.info import summarize
+    from megatron_dyt.model.flops import flops_per_token
     from megatron_dyt.training import trainer
-    from megatron_dyt.training.metrics import flops_per_token, peak_tflops
+    from megatron_dyt.training.metrics import peak_tflops
 
     cache = Path(args.cache)
     tree = config_tree(args.variant, args.steps, demo_data(cache), args.tiny, args.save_at)

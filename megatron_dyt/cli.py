@@ -34,7 +34,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def cmd_info(args: argparse.Namespace) -> int:
     from megatron_dyt.config import load_config
     from megatron_dyt.info import format_summary, summarize
-    from megatron_dyt.training.metrics import PEAK_TFLOPS
+    from megatron_dyt.model.flops import PEAK_TFLOPS
 
     if args.gpu is not None and args.gpu.upper() not in PEAK_TFLOPS:
         raise UsageError(f"--gpu {args.gpu}: expected one of {', '.join(PEAK_TFLOPS)}")

@@ -29,6 +29,7 @@ from torch import nn
 from megatron_dyt import __version__
 from megatron_dyt.config import Config, NormConfig, Recompute
 from megatron_dyt.layout import data_parallel_size
+from megatron_dyt.model.flops import PEAK_TFLOPS, flops_per_token, gpu_model
 from megatron_dyt.norms import describe_norm
 
 GIB = 1024**3
@@ -319,11 +320,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 def default_gpu() -> str:
     """This machine's GPU model when `PEAK_TFLOPS` knows it, else H100."""
-    from megatron_dyt.training.metrics import PEAK_TFLOPS
-
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        return next((k for k in PEAK_TFLOPS if k in name), "H100")
+        return gpu_model(torch.cuda.get_device_name()) or "H100"
     return "H100"
 
 
@@ -351,8 +349,6 @@ def time_estimate(
     """Steps, FLOPs, wall time and GPU-hours of training `cfg` on `gpus` GPUs for `tokens`
     tokens (default: `train.train_steps` steps) at `mfu` (default: `measured_mfu`, else
     `DEFAULT_MFU`) of `gpu`'s peak (`train.peak_tflops` when set)."""
-    from megatron_dyt.training.metrics import PEAK_TFLOPS, flops_per_token
-
     gpu = gpu or default_gpu()
     if gpu not in PEAK_TFLOPS:
         raise ValueError(f"gpu={gpu!r}: expected one of {', '.join(PEAK_TFLOPS)}")

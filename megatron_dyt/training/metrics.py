@@ -23,17 +23,8 @@ from torch import nn
 from megatron_dyt.config import Config
 from megatron_dyt.fileio import atomic_write
 from megatron_dyt.model import norm_names
+from megatron_dyt.model.flops import PEAK_TFLOPS, gpu_model
 from megatron_dyt.norms import Derf, DyT, LayerNorm, RMSNorm, stat_names
-
-# Dense bf16 peak per GPU in TFLOP/s, for MFU; `train.peak_tflops` overrides.
-PEAK_TFLOPS = {
-    "H100": 989.4,
-    "H200": 989.4,
-    "H800": 989.4,
-    "A100": 312.0,
-    "A800": 312.0,
-    "L40S": 362.0,
-}
 
 
 def peak_tflops(cfg: Config) -> float | None:
@@ -41,16 +32,8 @@ def peak_tflops(cfg: Config) -> float | None:
         return cfg.train.peak_tflops
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-
-
-def flops_per_token(cfg: Config, parameters: int) -> float:
-    """Model FLOPs per trained token: 6 per matmul weight, plus 12·L·h·s for attention scores
-    and their weighted sum (no causal discount, no recomputation, as MFU is usually quoted)."""
-    m = cfg.model
-    matmul_params = parameters - cfg.padded_vocab_size * m.hidden_size  # the lookup table is free
-    return 6 * matmul_params + 12 * m.num_layers * m.hidden_size * m.seq_length
+    gpu = gpu_model(torch.cuda.get_device_name())
+    return PEAK_TFLOPS[gpu] if gpu else None
 
 
 class NormStats:

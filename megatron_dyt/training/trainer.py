@@ -29,6 +29,7 @@ from megatron_dyt.config import Config, load_config
 from megatron_dyt.errors import MegatronDyTError
 from megatron_dyt.fileio import atomic_write
 from megatron_dyt.layout import batch_layout, data_parallel_size, run_layout
+from megatron_dyt.model.flops import flops_per_token
 from megatron_dyt.model.groups import GROUPING
 from megatron_dyt.training.batches import StepBatches
 from megatron_dyt.training.engine import build_model, deepspeed_config, initialize
@@ -37,7 +38,6 @@ from megatron_dyt.training.metrics import (
     MetricsWriter,
     NormStats,
     StepTimer,
-    flops_per_token,
     log_line,
     peak_tflops,
 )
