@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from megatron_dyt.errors import MegatronDyTError
+from megatron_dyt.fileio import read_text
 
 
 class ConfigError(MegatronDyTError, ValueError):
@@ -775,7 +776,7 @@ def _load_chain(path: Path, chain: list[Path]) -> dict[str, Any]:
         cycle = " -> ".join(str(p) for p in [*chain, path])
         raise ConfigError(f"config bases form a cycle: {cycle}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(read_text(path, "config file")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what} is not valid YAML: {exc}") from None
     if not isinstance(tree, dict):

@@ -19,6 +19,11 @@ class UsageError(MegatronDyTError, ValueError):
     """A command-line value, or a combination of them, that cannot work."""
 
 
+class FileError(MegatronDyTError, ValueError):
+    """A file that cannot be read as what it should be (not text, unreadable); the message
+    names the file and what it was read as."""
+
+
 class DataError(MegatronDyTError, ValueError):
     """Input data or a tokenizer that cannot be used; the message names the file, the line and
     what is wrong."""

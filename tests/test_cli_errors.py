@@ -42,3 +42,20 @@ def test_a_bug_keeps_its_traceback(monkeypatch, exc):
     assert not isinstance(exc, MegatronDyTError)
     with pytest.raises(type(exc)):
         _main_raising(monkeypatch, exc)
+
+
+@pytest.mark.parametrize("command", ["info", "train", "launch"])
+def test_a_binary_config_file_is_one_line_naming_it(tmp_path, capsys, command):
+    from megatron_dyt.cli import main
+
+    config = tmp_path / "damaged.yaml"
+    config.write_bytes(b"model:\n  name: \x80\x81\x82\n")
+    args = {
+        "info": ["info", str(config)],
+        "train": ["train", str(config), "--run-dir", str(tmp_path / "run")],
+        "launch": ["launch", "slurm", str(config), "--nodes", "1", "--dry-run"],
+    }[command]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"config file '{config}' is not UTF-8 text (byte 0x80 at offset 15)" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()

@@ -259,6 +259,22 @@ def test_damaged_index_file_is_one_clear_error(tokenizer, tmp_path, damage):
         build_datasets(cfg, tokenizer, 10, 1)
 
 
+def test_truncated_bin_file_is_one_clear_error(tokenizer, tmp_path):
+    """A `.bin` cut short (a disk full, an interrupted copy) is found when the dataset opens,
+    naming the file and both sizes, not deep in a read."""
+    jsonl = _write_jsonl(tmp_path / "d.jsonl", [f"document {i} " * 40 for i in range(20)])
+    preprocess([jsonl], tokenizer, tmp_path / "ds", progress=False)
+    bin_file = tmp_path / "ds.bin"
+    size = bin_file.stat().st_size
+    bin_file.write_bytes(bin_file.read_bytes()[: size // 2])
+    cfg = _cfg(tmp_path, tokenizer=str(tokenizer.path), paths=[str(tmp_path / "ds")])
+    with pytest.raises(
+        ValueError,
+        match=rf"ds\.bin' is truncated \({size // 2} bytes; its index .* points at {size}\)",
+    ):
+        build_datasets(cfg, tokenizer, 10, 1)
+
+
 # ---- demo corpus ------------------------------------------------------------------------------
 
 DEMO_VOCAB = 512

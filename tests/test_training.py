@@ -225,7 +225,8 @@ def test_sigterm_saves_and_exits_zero_then_resumes(corpus, tmp_path):
     )
     assert again.returncode == 0, again.stderr
     assert f"resuming from {run / 'checkpoints' / tag} (step {saved_step})" in again.stdout
-    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    records = [json.loads(x) for x in metrics.read_text().splitlines()]
+    steps = [r["step"] for r in records if "event" not in r]  # not the checkpoint events
     assert steps[-2:] == [saved_step + 1, saved_step + 2]
 
 
@@ -249,6 +250,11 @@ def test_corrupt_checkpoint_is_a_clear_error(corpus, tmp_path):
     assert subprocess.run(cmd, capture_output=True, timeout=180).returncode == 0
     states = run / "checkpoints/step_0000002/mp_rank_00_model_states.pt"
     states.write_bytes(states.read_bytes()[:100])
+
+    def snapshot() -> dict[str, bytes]:
+        return {str(f): f.read_bytes() for f in sorted(run.rglob("*")) if f.is_file()}
+
+    before = snapshot()
     cfg["train"]["train_steps"] = 4
     config.write_text(config_from_dict(cfg).to_yaml())
     bad = subprocess.run(
@@ -257,6 +263,21 @@ def test_corrupt_checkpoint_is_a_clear_error(corpus, tmp_path):
     assert bad.returncode == 2
     assert f"cannot load checkpoint '{run / 'checkpoints/step_0000002'}'" in bad.stderr
     assert "Traceback" not in bad.stderr
+    # a failed --allow-config-change resume leaves the run folder as it was: its config.yaml
+    # still describes its checkpoints
+    assert snapshot() == before
+
+    # `latest` holding binary garbage: one line says so, and the run resumes from the newest
+    # complete checkpoint (here none is: a fresh start, said as such)
+    (run / "checkpoints/latest").write_bytes(b"\x80\x81\xfe garbage")
+    (run / "checkpoints/step_0000002/complete.json").unlink()
+    fresh = subprocess.run([*cmd, "--allow-config-change"], capture_output=True, text=True)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    note = (
+        f"note: '{run / 'checkpoints/latest'}' is not text (damaged); no checkpoint here is"
+        " complete: starting from step 0"
+    )
+    assert note in fresh.stderr
 
 
 def test_run_dir_that_is_a_file_is_refused(tmp_path):
@@ -527,3 +548,33 @@ def test_a_sweep_groups_its_runs_in_weights_and_biases(tmp_path):
     )
     groups = {cfg.train.wandb_group for _, cfg in validate(load_spec(spec))}
     assert groups == {"alpha"}  # the spec's name (here its file's)
+
+
+@pytest.mark.parametrize(
+    "pointer,problem",
+    [
+        (b"step_0000099", "names 'step_0000099', which is not a complete checkpoint here"),
+        (b"", "is empty"),
+        (b"\xff\xfe\x00", "is not text (damaged)"),
+        (b"../../etc", "names '../../etc', which is not a complete checkpoint here"),
+    ],
+)
+def test_an_unusable_latest_falls_back_to_the_newest_checkpoint_and_says_so(
+    tmp_path, pointer, problem
+):
+    from megatron_dyt.checkpoint import CheckpointNotice, find_latest
+
+    for step in (2, 4):
+        (tmp_path / f"step_000000{step}").mkdir()
+        (tmp_path / f"step_000000{step}/complete.json").write_text(json.dumps({"step": step}))
+    (tmp_path / "latest").write_bytes(pointer)
+    notes: list[str] = []
+    assert find_latest(tmp_path, notes) == "step_0000004"
+    assert notes == [
+        f"'{tmp_path / 'latest'}' {problem}; resuming from the newest complete checkpoint,"
+        " step_0000004"
+    ]
+    with pytest.warns(CheckpointNotice, match="resuming from the newest"):
+        assert find_latest(tmp_path) == "step_0000004"
+    (tmp_path / "latest").write_text("step_0000002")  # a good pointer wins, silently
+    assert find_latest(tmp_path, notes) == "step_0000002" and len(notes) == 1

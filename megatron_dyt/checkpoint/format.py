@@ -19,6 +19,7 @@ used (docs/design.md §4).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch
 
 from megatron_dyt.config import Config
 from megatron_dyt.errors import MegatronDyTError
+from megatron_dyt.fileio import read_text
 from megatron_dyt.layout import RunLayout, data_parallel_size
 
 COMPLETE = "complete.json"
@@ -42,6 +44,10 @@ UNIVERSAL_FORMAT, UNIVERSAL_VERSION = "megatron-dyt-universal", 1
 
 class CheckpointError(MegatronDyTError, ValueError):
     """A checkpoint that cannot be used; the message names the folder or file."""
+
+
+class CheckpointNotice(UserWarning):
+    """A checkpoint that could be used, but not the one asked for (a damaged `latest`)."""
 
 
 def tag_for(step: int) -> str:
@@ -97,9 +103,12 @@ def read_complete(folder: Path) -> dict[str, Any]:
             " written; remove it or use an earlier one"
         )
     try:
-        return json.loads(path.read_text())
+        done = json.loads(read_text(path, "checkpoint marker"))
     except ValueError as exc:
         raise CheckpointError(f"'{path}' is not valid JSON: {exc}") from None
+    if not isinstance(done, dict) or not isinstance(done.get("step"), int):
+        raise CheckpointError(f"'{path}' does not hold a checkpoint's step: it is damaged")
+    return done
 
 
 def complete_tags(root: Path) -> list[str]:
@@ -107,17 +116,45 @@ def complete_tags(root: Path) -> list[str]:
     if not root.is_dir():
         return []
     tags = [p.name for p in root.iterdir() if p.is_dir() and (p / COMPLETE).is_file()]
-    return sorted(tags, key=lambda t: json.loads((root / t / COMPLETE).read_text())["step"])
+    return sorted(tags, key=lambda t: read_complete(root / t)["step"])
 
 
-def find_latest(root: Path) -> str | None:
-    """The tag to resume from: `latest` if it names a complete checkpoint, else the newest one."""
+def latest_problem(root: Path) -> str | None:
+    """What is wrong with `root/latest` when it exists but names no complete checkpoint."""
     pointer = root / LATEST
-    if pointer.is_file():
+    if not pointer.is_file():
+        return None
+    try:
         tag = pointer.read_text().strip()
-        if (root / tag / COMPLETE).is_file():
-            return tag
+    except UnicodeDecodeError:
+        return f"'{pointer}' is not text (damaged)"
+    except OSError as exc:
+        return f"cannot read '{pointer}': {exc.strerror or exc}"
+    if not tag:
+        return f"'{pointer}' is empty"
+    if "/" in tag or tag in (".", "..") or not (root / tag / COMPLETE).is_file():
+        return f"'{pointer}' names {tag[:80]!r}, which is not a complete checkpoint here"
+    return None
+
+
+def find_latest(root: Path, notices: list[str] | None = None) -> str | None:
+    """The tag to resume from: `latest` if it names a complete checkpoint, else the newest one.
+    Falling back says why in one line: appended to `notices` when given, else a warning."""
+    problem = latest_problem(root)
+    pointer = root / LATEST
+    if pointer.is_file() and problem is None:
+        return pointer.read_text().strip()
     tags = complete_tags(root)
+    if problem is not None:
+        message = problem + (
+            f"; resuming from the newest complete checkpoint, {tags[-1]}"
+            if tags
+            else "; no checkpoint here is complete: starting from step 0"
+        )
+        if notices is None:
+            warnings.warn(message, CheckpointNotice, stacklevel=2)
+        else:
+            notices.append(message)
     return tags[-1] if tags else None
 
 

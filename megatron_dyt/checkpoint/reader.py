@@ -33,6 +33,7 @@ from megatron_dyt.checkpoint.format import (
     universal_param_file,
 )
 from megatron_dyt.config import Config
+from megatron_dyt.fileio import read_text
 from megatron_dyt.layout import RunLayout
 from megatron_dyt.model.groups import group_key, is_trainable
 from megatron_dyt.model.sharding import (
@@ -156,7 +157,10 @@ class FullWeights(Mapping[str, torch.Tensor]):
 
 def read_meta(folder: Path) -> dict[str, Any]:
     """`universal.json` of a universal checkpoint: step, data position, every tensor's shape."""
-    meta = json.loads((folder / UNIVERSAL_META).read_text())
+    try:
+        meta = json.loads(read_text(folder / UNIVERSAL_META, "checkpoint metadata"))
+    except ValueError as exc:
+        raise CheckpointError(f"'{folder / UNIVERSAL_META}' is not valid JSON: {exc}") from None
     if meta.get("format") != UNIVERSAL_FORMAT or meta.get("version") != UNIVERSAL_VERSION:
         raise CheckpointError(
             f"'{folder / UNIVERSAL_META}' is not a {UNIVERSAL_FORMAT} checkpoint of version {UNIVERSAL_VERSION}"

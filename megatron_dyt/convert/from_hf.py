@@ -39,6 +39,7 @@ from megatron_dyt.convert.mapping import (
     from_hf_state_dict,
     model_section_from_hf,
 )
+from megatron_dyt.fileio import read_text
 
 
 class ConvertNotice(UserWarning):
@@ -101,7 +102,7 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConvertError(f"'{hf_dir}' has no config.json (expected a Hugging Face model folder)")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(read_text(path, "Hugging Face config"))
     except json.JSONDecodeError as exc:
         raise ConvertError(f"'{path}' is not valid JSON: {exc}") from None
     if not isinstance(config, dict):

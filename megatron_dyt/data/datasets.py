@@ -150,7 +150,7 @@ def build_datasets(
     tokenizer = tokenizer or resolved
     for prefix in prefixes:
         _check_index_file(prefix)
-    lengths = [_sequence_lengths(IndexedDataset(p)) for p in prefixes]
+    lengths = [_checked_lengths(IndexedDataset(p), p) for p in prefixes]
     if weights is not None:  # megatron needs weights > 0: leave out zero-weight prefixes
         kept = [i for i, w in enumerate(weights) if w > 0]
         prefixes, weights, lengths = (
@@ -185,10 +185,25 @@ def build_datasets(
     return train, valid
 
 
-def _sequence_lengths(dataset) -> np.ndarray:
-    # A copy taken while `dataset` is alive: the array views a mmap its __del__ closes, and
-    # touching it afterwards crashes the process.
-    return np.array(dataset.sequence_lengths)
+def _checked_lengths(dataset, prefix: str) -> np.ndarray:
+    """The sequence lengths of an opened indexed dataset, once its `.bin` is known to hold
+    every token its index points at (a truncated `.bin` fails deep in a read otherwise, naming
+    no file)."""
+    index = dataset.index
+    # Copies taken while `dataset` is alive: the arrays view a mmap its __del__ closes, and
+    # touching them afterwards crashes the process.
+    lengths = np.array(index.sequence_lengths)
+    if len(lengths):
+        pointers = np.array(index.sequence_pointers)
+        needed = int(pointers[-1]) + int(lengths[-1]) * index.dtype_size
+        path = Path(prefix + ".bin")
+        size = path.stat().st_size
+        if size < needed:
+            raise DataError(
+                f"data.paths: '{path}' is truncated ({size} bytes; its index '{prefix}.idx'"
+                f" points at {needed}); write it again with `megatron-dyt data preprocess`"
+            )
+    return lengths
 
 
 def _check_splits(cfg: Config, prefixes: list[str], lengths: list, split_matrix: list) -> None:

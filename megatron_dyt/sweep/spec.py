@@ -34,6 +34,7 @@ import yaml
 
 from megatron_dyt.config import Config, ConfigError, apply_overrides, config_from_dict, load_tree
 from megatron_dyt.errors import MegatronDyTError
+from megatron_dyt.fileio import read_text
 
 SPEC_KEYS = ("base", "overrides", "grid", "name")
 
@@ -102,7 +103,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not path.is_file():
         raise ConfigError(f"sweep spec '{path}' does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_text(path, "sweep spec")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"sweep spec '{path}' is not valid YAML: {exc}") from None
     return spec_from_dict(data, path.parent, str(path))

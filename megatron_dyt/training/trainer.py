@@ -352,7 +352,10 @@ class Trainer:
 
         self.layout = batch_layout(cfg, data_parallel_size(cfg.parallel, self.world))
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.resume_tag = checkpoint.find_latest(self.ckpt_root)
+        notices: list[str] = []
+        self.resume_tag = checkpoint.find_latest(self.ckpt_root, notices)
+        if self.is_rank0 and notices:
+            print(f"note: {notices[0]}", file=sys.stderr, flush=True)
         self.resharded = self.resume_tag is not None and _check_resume_layout(
             cfg, self.ckpt_root / self.resume_tag, self.world
         )
@@ -370,13 +373,7 @@ class Trainer:
             (self.total_steps + cfg.train.skip_nonfinite_steps) * g,
             max(1, self.eval_batches) * g,
         )
-        if self.is_rank0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            # atomic: a run killed while writing must not leave a config its resume cannot read
-            atomic_write(self.run_dir / "config.yaml", cfg.to_yaml())
-            ds_json = json.dumps(ds_config, indent=2) + "\n"
-            atomic_write(self.run_dir / "deepspeed_config.json", ds_json)
-        dist.barrier()
+        self.ds_config = ds_config
 
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg, ds_config)
@@ -426,6 +423,18 @@ class Trainer:
         folder = self.ckpt_root / tag
         universal = checkpoint.universal_of(folder, progress=self.is_rank0 and self.progress)
         return checkpoint.load_universal(self.engine, universal, self.cfg, self.layout.global_batch)
+
+    def _record_config(self) -> None:
+        """The run folder's config.yaml and deepspeed_config.json, written once the inputs are
+        valid and the checkpoint has loaded: a run that fails before keeps its folder as it
+        was, so the config there still describes its checkpoints."""
+        if self.is_rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            # atomic: a run killed while writing must not leave a config its resume cannot read
+            atomic_write(self.run_dir / "config.yaml", self.cfg.to_yaml())
+            ds_json = json.dumps(self.ds_config, indent=2) + "\n"
+            atomic_write(self.run_dir / "deepspeed_config.json", ds_json)
+        dist.barrier()
 
     def resume(self) -> None:
         """Continue from the run folder's latest checkpoint, if it has one."""
@@ -624,6 +633,7 @@ class Trainer:
         invocation, for tests); the last step is always saved."""
         cfg, total = self.cfg, self.total_steps
         self.resume()
+        self._record_config()
         result = TrainResult(self.run_dir, start_step=self.position.step, step=self.position.step)
         self.stats = NormStats(self.model, cfg, _device())
         self.writer = MetricsWriter(
