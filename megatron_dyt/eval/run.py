@@ -138,7 +138,6 @@ def evaluate_checkpoint(
     from megatron_dyt import checkpoint as ckpt
     from megatron_dyt import parallel
     from megatron_dyt.config import apply_overrides, config_from_dict
-    from megatron_dyt.data import Tokenizer
     from megatron_dyt.eval.adapter import make_lm
     from megatron_dyt.layout import precision
     from megatron_dyt.model import (
@@ -193,7 +192,7 @@ def evaluate_checkpoint(
         load_full_state_dict(module, full)
         del full
     module = module.to(device=device, dtype=dtype).eval()
-    tokenizer = Tokenizer(folder / "tokenizer.model")
+    tokenizer = ckpt.read_tokenizer(folder)
     lm = make_lm(module, cfg, tokenizer, device, dtype, batch_size)
     results = evaluate(lm, tasks, limit=limit, manager=manager)
     if results is None:
