@@ -147,6 +147,26 @@ def test_the_loader_picks_the_kind_by_file(sp, bpe, tmp_path):
         load_tokenizer(tmp_path / "bad.json")
 
 
+def test_an_exported_sentencepiece_tokenizer_loads_back_with_its_ids(sp, tmp_path):
+    """An export of a sentencepiece checkpoint holds tokenizer.model and the tokenizer.json
+    transformers converts from it; loading the folder (as `convert from-hf` does) takes the
+    tokenizer.json, which gives the same ids and special ids — except for a literal U+2581,
+    which the converted tokenizer reads as a space."""
+    from megatron_dyt.convert.to_hf import write_tokenizer
+
+    ours = load_tokenizer(sp)
+    write_tokenizer(ours, tmp_path, max_length=64)
+    back = load_tokenizer(tmp_path)
+    assert isinstance(back, HFTokenizer) and back.vocab_size == ours.vocab_size
+    assert (back.bos, back.eos, back.pad, back.unk) == (ours.bos, ours.eos, ours.pad, ours.unk)
+    for text in TRICKY:
+        if "\u2581" not in text:
+            assert back.encode(text) == ours.encode(text), text
+    (tmp_path / "tokenizer_config.json").unlink()  # the roles by their conventional names
+    bare = load_tokenizer(tmp_path)
+    assert (bare.bos, bare.eos, bare.pad, bare.unk) == (ours.bos, ours.eos, ours.pad, ours.unk)
+
+
 def _folder(bpe: Path, root: Path, config: dict | None = None, special_map: dict | None = None):
     root.mkdir()
     shutil.copy(bpe / "tokenizer.json", root / "tokenizer.json")
@@ -208,6 +228,26 @@ def test_preprocess_workers_give_identical_files(bpe, text_dir, tmp_path):
     assert (one.documents, one.tokens) == (two.documents, two.tokens)
     for suffix in (".bin", ".idx"):
         assert (tmp_path / f"one{suffix}").read_bytes() == (tmp_path / f"two{suffix}").read_bytes()
+
+
+def test_a_checkpoint_folder_stores_either_kind(sp, bpe, tmp_path):
+    for source, names in [
+        (sp, ["tokenizer.model"]),
+        (bpe, ["tokenizer.json", "tokenizer_config.json"]),
+    ]:
+        folder = tmp_path / Path(source).stem
+        folder.mkdir()
+        assert not ckpt.has_tokenizer(folder)
+        with pytest.raises(ckpt.CheckpointError, match="holds no tokenizer"):
+            ckpt.read_tokenizer(folder)
+        tok = load_tokenizer(source)
+        tok.save(folder)
+        assert sorted(p.name for p in folder.iterdir()) == names
+        again = ckpt.read_tokenizer(folder)
+        assert type(again) is type(tok) and again.sha256 == tok.sha256
+    (tmp_path / "bpe" / "tokenizer.json").write_text("{}")
+    with pytest.raises(ckpt.CheckpointError, match="bpe': tokenizer .* is not a Hugging Face"):
+        ckpt.read_tokenizer(tmp_path / "bpe")
 
 
 # ---- command line -------------------------------------------------------------------------

@@ -349,13 +349,12 @@ class HFTokenizer(Tokenizer):
                 )
             return token_id
         candidates = CONVENTIONAL_SPECIALS[role]
-        if role == "unk_token" and model_unk is not None:
-            candidates = (model_unk, *candidates)
+        if role == "unk_token" and model_unk is not None:  # the model's own fallback token first
+            candidates, specials = (model_unk, *candidates), {*specials, model_unk}
         for token in candidates:
-            if token in specials or (role == "unk_token" and token == model_unk):
-                token_id = self._backend.token_to_id(token)
-                if token_id is not None:
-                    return token_id
+            token_id = self._backend.token_to_id(token) if token in specials else None
+            if token_id is not None:
+                return token_id
         return -1
 
     def __getstate__(self) -> dict:
