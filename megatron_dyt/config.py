@@ -450,7 +450,9 @@ class DataConfig(_Section):
         description="Train on the embedded demo corpus with its own tokenizer (no download).",
     )
     tokenizer: str | None = Field(
-        None, description="sentencepiece .model file; the demo builds its own."
+        None,
+        description="sentencepiece .model, Hugging Face tokenizer.json, or a folder holding"
+        " either; the demo builds its own.",
     )
     paths: list[str] = Field(
         default_factory=list,

@@ -24,13 +24,13 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> dict:
     """A small real dataset: Python standard-library text → tokenizer → indexed dataset."""
-    from megatron_dyt.data import Tokenizer, ensure_demo_data
+    from megatron_dyt.data import ensure_demo_data, load_tokenizer
 
     cache = tmp_path_factory.mktemp("cache")
     demo = ensure_demo_data(cache, vocab_size=512, progress=False)
     return {
         "tokenizer": str(demo.tokenizer_path),
         "prefix": str(demo.data_prefix),
-        "vocab": Tokenizer(demo.tokenizer_path).vocab_size,
+        "vocab": load_tokenizer(demo.tokenizer_path).vocab_size,
         "cache": str(cache),
     }

@@ -332,6 +332,17 @@ def test_export_in_bf16_and_the_tokenizer(trained, corpus, tmp_path):
     text = "def f(x):\n    return  x + 12345  # héllo 世界\n"
     assert tok(text).input_ids == [sp.bos_id(), *sp.encode(text)]
     assert tok.decode(sp.encode(text)) == text
+    # the special ids are the tokenizer's own, everywhere
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (
+        sp.bos_id(),
+        sp.eos_id(),
+        None,
+    )
+    config = json.loads((out / "config.json").read_text())
+    generation = json.loads((out / "generation_config.json").read_text())
+    ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id()}
+    assert generation == ids and {k: config[k] for k in ids} == ids
+    assert config["pad_token_id"] is None
 
 
 # ---- our trainer and evaluator on an import ---------------------------------------------------

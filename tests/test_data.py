@@ -21,6 +21,7 @@ from megatron_dyt.data import (
     Tokenizer,
     build_datasets,
     ensure_demo_data,
+    load_tokenizer,
     preprocess,
     resolve_data,
     train_tokenizer,
@@ -70,7 +71,7 @@ def text_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer(text_dir) -> Tokenizer:
-    return Tokenizer(train_tokenizer([text_dir / "corpus.jsonl"], text_dir / "tok", 512))
+    return load_tokenizer(train_tokenizer([text_dir / "corpus.jsonl"], text_dir / "tok", 512))
 
 
 # ---- tokenizer --------------------------------------------------------------------------------
@@ -108,9 +109,9 @@ def test_train_from_txt_and_jsonl(text_dir, tmp_path, model_type):
     a = train_tokenizer(txt, out / "from-txt", 400, model_type)
     b = train_tokenizer([text_dir / "corpus.jsonl"], out / "from-jsonl", 400, model_type)
     again = train_tokenizer(txt, out / "again", 400, model_type)
-    assert _pieces(Tokenizer(a)) == _pieces(Tokenizer(again))  # reproducible
+    assert _pieces(load_tokenizer(a)) == _pieces(load_tokenizer(again))  # reproducible
     for model in (a, b):
-        tok = Tokenizer(model)
+        tok = load_tokenizer(model)
         assert tok.vocab_size == 400 and model.with_suffix(".vocab").is_file()
         assert all(tok.decode(tok.encode(t)) == t for t in TRICKY)
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -120,10 +121,10 @@ def test_train_from_txt_and_jsonl(text_dir, tmp_path, model_type):
 
 def test_tokenizer_errors(text_dir, tmp_path):
     with pytest.raises(ValueError, match="nope.model' does not exist"):
-        Tokenizer(tmp_path / "nope.model")
+        load_tokenizer(tmp_path / "nope.model")
     (tmp_path / "bad.model").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="bad.model' is not a sentencepiece model"):
-        Tokenizer(tmp_path / "bad.model")
+        load_tokenizer(tmp_path / "bad.model")
     with pytest.raises(ValueError, match="too small for this corpus: it needs at least"):
         train_tokenizer([text_dir / "corpus.jsonl"], tmp_path / "t", 262)
     with pytest.raises(ValueError, match="choose 'bpe' or 'unigram'"):
@@ -235,7 +236,7 @@ def test_tokenizer_without_eos_cannot_make_training_data(text_dir, tmp_path):
         eos_id=-1,
         minloglevel=2,
     )
-    no_eos = Tokenizer(tmp_path / "noeos.model")  # loads: evaluation needs no EOD
+    no_eos = load_tokenizer(tmp_path / "noeos.model")  # loads: evaluation needs no EOD
     good = _write_jsonl(tmp_path / "good.jsonl", ["first"])
     with pytest.raises(ValueError, match=r"noeos\.model' has no end-of-sequence token"):
         preprocess([good], no_eos, tmp_path / "ds", progress=False)
@@ -315,7 +316,7 @@ def test_demo_corpus_is_built_once_and_reused(demo_cache):
     assert not demo.built and demo.seconds < 1
     assert [f.stat().st_mtime_ns for f in files] == mtimes
     assert 3e6 <= demo.corpus_bytes <= 8e6 and demo.documents > 100 and demo.tokens > 1e6
-    assert Tokenizer(demo.tokenizer_path).vocab_size == DEMO_VOCAB
+    assert load_tokenizer(demo.tokenizer_path).vocab_size == DEMO_VOCAB
     manifest = json.loads((demo_cache / "demo" / "manifest.json").read_text())
     assert manifest["datasets"][str(DEMO_VOCAB)]["tokens"] == demo.tokens
 
@@ -391,7 +392,7 @@ def test_blends_follow_weights(tokenizer, tmp_path):
 def test_resolve_data_names_the_key(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="data.tokenizer is not set"):
         resolve_data(_cfg(tmp_path))
-    with pytest.raises(ValueError, match="data.tokenizer: tokenizer model .* does not exist"):
+    with pytest.raises(ValueError, match="data.tokenizer: tokenizer .* does not exist"):
         resolve_data(_cfg(tmp_path, tokenizer=str(tmp_path / "x.model")))
     with pytest.raises(ValueError, match="data.paths is empty"):
         resolve_data(_cfg(tmp_path, tokenizer=str(tokenizer.path)))

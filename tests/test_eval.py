@@ -38,7 +38,7 @@ def _build(cfg_dict: dict, full: dict | None, tokenizer_path: str, batch_size: i
     from megatron.core import parallel_state as ps
 
     from megatron_dyt import parallel
-    from megatron_dyt.data import Tokenizer
+    from megatron_dyt.data import load_tokenizer
     from megatron_dyt.eval.adapter import make_lm
     from megatron_dyt.model import (
         LlamaModel,
@@ -58,7 +58,7 @@ def _build(cfg_dict: dict, full: dict | None, tokenizer_path: str, batch_size: i
     if full is not None:
         load_full_state_dict(module, full)
     lm = make_lm(
-        module, cfg, Tokenizer(tokenizer_path), torch.device("cpu"), torch.float32, batch_size
+        module, cfg, load_tokenizer(tokenizer_path), torch.device("cpu"), torch.float32, batch_size
     )
     return cfg, module, lm, full_state_dict(module)
 

@@ -11,7 +11,7 @@ from common import tiny_dict
 from megatron_dyt import cli, parallel
 from megatron_dyt.checkpoint import write_checkpoint
 from megatron_dyt.config import config_from_dict
-from megatron_dyt.data import Tokenizer
+from megatron_dyt.data import load_tokenizer
 from megatron_dyt.errors import UsageError
 from megatron_dyt.inference.generate import Decoder, Sampling, generate_text
 from megatron_dyt.model import KVCache, LlamaModel, forward_cached, load_full_state_dict
@@ -121,11 +121,11 @@ def test_generate_equals_transformers_greedy(checkpoint, tmp_path):
     assert len(ours.tokens) == 24 and not ours.stopped_at_eos
     export_to_hf(checkpoint, tmp_path / "hf", progress=False)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
-    prompt = Tokenizer(checkpoint / "checkpoints/step_0000000/tokenizer.model").encode(PROMPT)
+    prompt = load_tokenizer(checkpoint / "checkpoints/step_0000000/tokenizer.model").encode(PROMPT)
     assert ours.prompt == prompt  # no BOS in front
     out = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, pad_token_id=0)
     assert out[0, len(prompt) :].tolist() == ours.tokens
-    assert text == Tokenizer(checkpoint / "checkpoints/step_0000000/tokenizer.model").decode(
+    assert text == load_tokenizer(checkpoint / "checkpoints/step_0000000/tokenizer.model").decode(
         [t for t in ours.tokens if t < 512]
     )
 

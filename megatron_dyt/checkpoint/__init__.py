@@ -2,7 +2,7 @@
 
 | module | holds |
 |---|---|
-| `format` | names and tags, DeepSpeed's file names, `complete.json`, finding and resolving checkpoints, the saved layout |
+| `format` | names and tags, DeepSpeed's file names, `complete.json`, the stored tokenizer, finding and resolving checkpoints, the saved layout |
 | `protocol` | saving and loading a training checkpoint with every rank (complete.json, then an atomic `latest`) |
 | `reader` | reading a checkpoint at its saved layout: one rank's weights, the full weights, a stage with its Adam moments |
 | `universal` | the layout-free form, and resuming from it at any layout |
@@ -19,9 +19,11 @@ from megatron_dyt.checkpoint.format import (
     CheckpointError,
     CheckpointNotice,
     find_latest,
+    has_tokenizer,
     is_universal,
     read_complete,
     read_config,
+    read_tokenizer,
     resolve,
     saved_grouping,
     saved_layout,
@@ -40,6 +42,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointNotice",
     "find_latest",
+    "has_tokenizer",
     "is_universal",
     "load",
     "load_universal",
@@ -47,6 +50,7 @@ __all__ = [
     "read_complete",
     "read_config",
     "read_full_state_dict",
+    "read_tokenizer",
     "resolve",
     "save",
     "saved_grouping",

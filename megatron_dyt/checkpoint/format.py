@@ -3,7 +3,9 @@
     <run>/checkpoints/latest                     tag of the checkpoint to resume (atomic rename)
     <run>/checkpoints/step_XXXXXXX/              one checkpoint
         complete.json                            written last: step, world size, data position
-        config.yaml, tokenizer.model             the run's resolved config and tokenizer
+        config.yaml                              the run's resolved config
+        tokenizer.model, or tokenizer.json       the run's tokenizer (`Tokenizer.save`): a
+          (+ tokenizer_config.json)              sentencepiece model, or a Hugging Face one
         rng_rankNNNNN.pt                         every rank's RNG states
         mp_rank_MM_model_states.pt               DeepSpeed: module (PP=1) and engine state
         layer_LL-model_TT-model_states.pt        DeepSpeed pipeline: one per layer and TP rank
@@ -26,14 +28,14 @@ from typing import Any
 import torch
 
 from megatron_dyt.config import Config
-from megatron_dyt.errors import MegatronDyTError
+from megatron_dyt.data.tokenizer import HF_JSON, SP_MODEL, Tokenizer, load_tokenizer
+from megatron_dyt.errors import DataError, MegatronDyTError
 from megatron_dyt.fileio import read_text
 from megatron_dyt.layout import RunLayout, data_parallel_size
 
 COMPLETE = "complete.json"
 LATEST = "latest"
 CONFIG = "config.yaml"
-TOKENIZER = "tokenizer.model"
 WEIGHTS_ONLY = "weights_only"  # complete.json flag of an import: no optimizer state
 GROUPING_KEY = "param_grouping"  # complete.json: how the optimizer's groups were formed
 UNIVERSAL_META = "universal.json"  # marks the layout-free form
@@ -73,6 +75,24 @@ def optim_file(kind: str, dp_rank: int | str, mp_rank: int) -> str:
     """ZeRO partition (`kind` 'zero') or bf16-optimizer partition (`kind` 'bf16') of a rank
     (`dp_rank` '*': the glob of all data-parallel ranks)."""
     return f"{_OPTIM_PREFIX[kind]}_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """Whether a checkpoint folder holds a tokenizer (imports may have none)."""
+    return (folder / HF_JSON).is_file() or (folder / SP_MODEL).is_file()
+
+
+def read_tokenizer(folder: Path) -> Tokenizer:
+    """The tokenizer stored with a checkpoint: tokenizer.json (with its tokenizer_config.json),
+    or tokenizer.model, the only kind older checkpoints hold."""
+    if not has_tokenizer(folder):
+        raise CheckpointError(
+            f"checkpoint '{folder}' holds no tokenizer (neither {HF_JSON} nor {SP_MODEL})"
+        )
+    try:
+        return load_tokenizer(folder)
+    except DataError as exc:
+        raise CheckpointError(f"checkpoint '{folder}': {exc}") from None
 
 
 def has_optim_files(folder: Path, kind: str) -> bool:

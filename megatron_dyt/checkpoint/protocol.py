@@ -23,7 +23,6 @@ from megatron_dyt.checkpoint.format import (
     COMPLETE,
     CONFIG,
     LATEST,
-    TOKENIZER,
     WEIGHTS_ONLY,
     CheckpointError,
     complete_tags,
@@ -32,6 +31,7 @@ from megatron_dyt.checkpoint.format import (
     tag_for,
 )
 from megatron_dyt.config import Config
+from megatron_dyt.data.tokenizer import Tokenizer
 from megatron_dyt.fileio import atomic_write
 
 
@@ -60,7 +60,7 @@ def save(
     step: int,
     client_state: dict[str, Any],
     cfg: Config,
-    tokenizer_path: str | None,
+    tokenizer: Tokenizer | None,
     keep: int,
 ) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder."""
@@ -77,8 +77,8 @@ def save(
     dist.barrier()
     if rank == 0:
         (folder / CONFIG).write_text(cfg.to_yaml())
-        if tokenizer_path:
-            shutil.copy2(tokenizer_path, folder / TOKENIZER)
+        if tokenizer is not None:
+            tokenizer.save(folder)
         atomic_write(
             folder / COMPLETE,
             json.dumps(

@@ -26,7 +26,6 @@ from megatron_dyt.checkpoint.format import (
     COMPLETE,
     CONFIG,
     LATEST,
-    TOKENIZER,
     WEIGHTS_ONLY,
     CheckpointError,
     layer_file,
@@ -34,6 +33,7 @@ from megatron_dyt.checkpoint.format import (
     tag_for,
 )
 from megatron_dyt.config import Config
+from megatron_dyt.data.tokenizer import Tokenizer
 from megatron_dyt.fileio import atomic_write
 from megatron_dyt.model.sharding import layer_prefix, split_shard, tp_split
 
@@ -73,7 +73,7 @@ def write_checkpoint(
     cfg: Config,
     run_dir: Path,
     *,
-    tokenizer: Path | None = None,
+    tokenizer: Tokenizer | None = None,
     info: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> Path:
@@ -126,7 +126,7 @@ def write_checkpoint(
             )
         (tmp / CONFIG).write_text(saved.to_yaml())
         if tokenizer is not None:
-            shutil.copy2(tokenizer, tmp / TOKENIZER)
+            tokenizer.save(tmp)
         (tmp / COMPLETE).write_text(
             json.dumps({**client, "world_size": tp * pp, WEIGHTS_ONLY: True, **(info or {})})
         )

@@ -124,7 +124,8 @@ def add_from_hf(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--tokenizer",
-        help="sentencepiece .model to store with the checkpoint (default: HF_DIR/tokenizer.model)",
+        help="tokenizer to store with the checkpoint: a .model, a tokenizer.json or a folder"
+        " holding one (default: HF_DIR's tokenizer.json, else its tokenizer.model)",
     )
     p.add_argument(
         "--revision",

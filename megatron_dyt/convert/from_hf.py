@@ -39,6 +39,7 @@ from megatron_dyt.convert.mapping import (
     from_hf_state_dict,
     model_section_from_hf,
 )
+from megatron_dyt.data.tokenizer import HF_JSON, SP_MODEL, Tokenizer, load_tokenizer
 from megatron_dyt.fileio import read_text
 
 
@@ -287,7 +288,8 @@ def import_from_hf(
 
     `hf_dir` is a folder or a repo id ORG/NAME in the local HF cache (at `revision`, a branch,
     tag or commit; see `resolve_hf_source`). The tokenizer copied into the checkpoint is
-    `tokenizer` (a sentencepiece .model) or the HF folder's tokenizer.model.
+    `tokenizer` (a .model, a tokenizer.json or a folder holding one) or the HF folder's own (its
+    tokenizer.json, else its tokenizer.model).
     """
     import shutil
 
@@ -300,6 +302,7 @@ def import_from_hf(
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ConvertError(f"output '{out}' exists and is not empty; pass --force to replace it")
     hf_dir, name = resolve_hf_source(hf_dir, revision)
+    tok = _import_tokenizer(hf_dir, tokenizer)
     hf = read_hf_config(hf_dir)
     source, target = target_config(
         hf, hf_dir, tp=tp, pp=pp, config=config, overrides=overrides, norm=norm, name=name
@@ -319,22 +322,13 @@ def import_from_hf(
             ConvertNotice,
             stacklevel=2,
         )
-    tokenizer = Path(tokenizer) if tokenizer is not None else hf_dir / "tokenizer.model"
-    if not tokenizer.is_file():
-        warnings.warn(
-            f"no sentencepiece tokenizer ('{tokenizer}' is missing): the checkpoint has none;"
-            " pass --tokenizer PATH.model (`eval` reads it from the checkpoint, `train` from"
-            " data.tokenizer)",
-            ConvertNotice,
-            stacklevel=2,
-        )
     tmp = prepare_out_dir(out, force)
     try:
         folder = write_checkpoint(
             full,
             target,
             tmp,
-            tokenizer=tokenizer if tokenizer.is_file() else None,
+            tokenizer=tok,
             info={"imported_from": str(hf_dir.resolve())},
             progress=progress,
         )
@@ -343,6 +337,22 @@ def import_from_hf(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out / folder.relative_to(tmp)
+
+
+def _import_tokenizer(hf_dir: Path, tokenizer: str | Path | None) -> Tokenizer | None:
+    """`--tokenizer` when given, else the HF folder's own; None (with a notice) without one."""
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    if any((hf_dir / name).is_file() for name in (HF_JSON, SP_MODEL)):
+        return load_tokenizer(hf_dir)
+    warnings.warn(
+        f"'{hf_dir}' holds no tokenizer (neither {HF_JSON} nor {SP_MODEL}): the checkpoint has"
+        " none; pass --tokenizer PATH (`eval` reads it from the checkpoint, `train` from"
+        " data.tokenizer)",
+        ConvertNotice,
+        stacklevel=3,
+    )
+    return None
 
 
 def _with_vocab(source: Config, target: Config) -> Config:

@@ -244,8 +244,9 @@ def hf_config(cfg: Config, dtype: torch.dtype) -> dict[str, Any]:
         "mlp_bias": False,
         "tie_word_embeddings": False,
         "initializer_range": m.init.std,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        # the tokenizer's: `to_hf.export_to_hf` fills them in (None without a tokenizer)
+        "bos_token_id": None,
+        "eos_token_id": None,
         "pad_token_id": None,
         "use_cache": True,
         "torch_dtype": dtype_name,

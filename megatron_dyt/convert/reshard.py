@@ -20,9 +20,10 @@ from megatron_dyt.checkpoint.format import (
     COMPLETE,
     CONFIG,
     LATEST,
-    TOKENIZER,
+    has_tokenizer,
     read_complete,
     read_config,
+    read_tokenizer,
     resolve,
     tag_for,
 )
@@ -77,8 +78,8 @@ def reshard_checkpoint(
         )
         (tmp / CONFIG).write_text(target.to_yaml())
         (step_dir / CONFIG).write_text(target.to_yaml())
-        if (folder / TOKENIZER).is_file():
-            shutil.copy2(folder / TOKENIZER, step_dir / TOKENIZER)
+        if has_tokenizer(folder):
+            read_tokenizer(folder).save(step_dir)
         client = {
             k: meta[k] for k in ("step", "data_cursor", "consumed_samples", "skipped_batches")
         }

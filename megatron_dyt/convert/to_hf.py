@@ -26,6 +26,14 @@ from megatron_dyt.convert.mapping import (
     to_hf_state_dict,
 )
 from megatron_dyt.convert.outdir import finish_out_dir, prepare_out_dir
+from megatron_dyt.data.tokenizer import (
+    HF_CONFIG,
+    HF_JSON,
+    SP_MODEL,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+)
 
 HF_CODE = Path(__file__).with_name("hf_code")
 CODE_FILES = ("configuration_megatron_dyt.py", "modeling_megatron_dyt.py")
@@ -66,7 +74,51 @@ def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
     return groups
 
 
-def write_tokenizer(sp_model: Path, out: Path, max_length: int) -> None:
+def special_token_ids(tokenizer: Tokenizer | None) -> dict[str, int]:
+    """`bos_token_id`, `eos_token_id`, `pad_token_id` of config.json and generation_config.json:
+    the tokenizer's own, those it lacks left out (transformers reads them as None)."""
+    if tokenizer is None:
+        return {}
+    ids = {"bos_token_id": tokenizer.bos, "eos_token_id": tokenizer.eos}
+    ids["pad_token_id"] = tokenizer.pad
+    return {key: value for key, value in ids.items() if value >= 0}
+
+
+def write_tokenizer(tokenizer: Tokenizer, out: Path, max_length: int) -> None:
+    """The checkpoint's tokenizer as files transformers' `AutoTokenizer` loads, with the
+    tokenizer's own special tokens."""
+    if isinstance(tokenizer, HFTokenizer):
+        _write_hf_tokenizer(tokenizer, out, max_length)
+    elif isinstance(tokenizer, SentencePieceTokenizer):
+        _write_sentencepiece_tokenizer(tokenizer, out, max_length)
+    else:
+        raise TypeError(f"no export for {type(tokenizer).__name__}")
+
+
+def _write_hf_tokenizer(tokenizer: HFTokenizer, out: Path, max_length: int) -> None:
+    """tokenizer.json as stored, and its tokenizer_config.json with the special tokens named.
+
+    The roles are written out even where the source left them to convention (`<s>`, `</s>`,
+    ...), and `clean_up_tokenization_spaces` is false, so transformers decodes like we do.
+    Whether a BOS is prepended is the tokenizer.json's own post-processor, as stored.
+    """
+    (out / HF_JSON).write_bytes(tokenizer.files()[HF_JSON])
+    config = tokenizer.settings
+    config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    config.update(
+        bos_token=tokenizer.special_token(tokenizer.bos),
+        eos_token=tokenizer.special_token(tokenizer.eos),
+        unk_token=tokenizer.special_token(tokenizer.unk),
+        pad_token=tokenizer.special_token(tokenizer.pad),
+        clean_up_tokenization_spaces=False,
+        model_max_length=max_length,
+    )
+    (out / HF_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def _write_sentencepiece_tokenizer(
+    tokenizer: SentencePieceTokenizer, out: Path, max_length: int
+) -> None:
     """Our sentencepiece model as a LLaMA tokenizer: tokenizer.model + tokenizer_config.json,
     and tokenizer.json (the fast tokenizer) when transformers can convert it here.
 
@@ -75,6 +127,8 @@ def write_tokenizer(sp_model: Path, out: Path, max_length: int) -> None:
     """
     import sentencepiece as spm
 
+    sp_model = out / SP_MODEL
+    tokenizer.save(out)
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
 
     def piece(i: int) -> str | None:
@@ -82,7 +136,6 @@ def write_tokenizer(sp_model: Path, out: Path, max_length: int) -> None:
 
     import tempfile
 
-    shutil.copy2(sp_model, out / "tokenizer.model")
     config = {
         "tokenizer_class": "LlamaTokenizer",
         "add_bos_token": True,
@@ -92,7 +145,7 @@ def write_tokenizer(sp_model: Path, out: Path, max_length: int) -> None:
         "bos_token": piece(sp.bos_id()),
         "eos_token": piece(sp.eos_id()),
         "unk_token": piece(sp.unk_id()),
-        "pad_token": None,
+        "pad_token": piece(sp.pad_id()),
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_length,
     }
@@ -164,19 +217,18 @@ def export_to_hf(
         config = hf_config(cfg, torch_dtype)
         step = ckpt.read_complete(folder).get("step")
         config["megatron_dyt_source"] = {"checkpoint": str(folder), "step": step}
+        tokenizer = ckpt.read_tokenizer(folder) if ckpt.has_tokenizer(folder) else None
+        ids = special_token_ids(tokenizer)
+        config.update(ids)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        generation = {"bos_token_id": 1, "eos_token_id": 2}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
         if needs_custom_code(cfg):
             for name in CODE_FILES:
                 shutil.copy2(HF_CODE / name, tmp / name)
-        tokenizer = folder / "tokenizer.model"
-        if tokenizer.is_file():
+        if tokenizer is not None:
             write_tokenizer(tokenizer, tmp, cfg.model.seq_length)
         else:
-            warnings.warn(
-                f"'{folder}' has no tokenizer.model: the export has no tokenizer", stacklevel=2
-            )
+            warnings.warn(f"'{folder}' holds no tokenizer: the export has none", stacklevel=2)
         finish_out_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,16 +20,19 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser(
         "data",
         help="train a tokenizer, tokenize a corpus, build the demo corpus",
-        description="Prepare training data: sentencepiece tokenizers and megatron-core indexed"
-        " datasets (<prefix>.bin/.idx). Inputs are .jsonl (one JSON object per line, text under"
-        " --text-key) or .txt/.md (the whole file is one document).",
+        description="Prepare training data: tokenizers (sentencepiece or byte-level BPE) and"
+        " megatron-core indexed datasets (<prefix>.bin/.idx). Inputs are .jsonl (one JSON object"
+        " per line, text under --text-key) or .txt/.md (the whole file is one document).",
     )
     sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
 
     tok = sub.add_parser(
         "tokenizer",
-        help="train a LLaMA-style sentencepiece tokenizer",
-        description="Train a byte-fallback sentencepiece model that round-trips text exactly.",
+        help="train a tokenizer: sentencepiece (LLaMA-style) or byte-level BPE (tokenizer.json)",
+        description="Train a tokenizer that round-trips text exactly: --kind sentencepiece (the"
+        " default) writes PREFIX.model (byte fallback; unk 0, bos 1, eos 2, no pad); --kind bpe"
+        " writes the folder PREFIX/ with tokenizer.json and tokenizer_config.json (byte-level;"
+        " bos <s> 0, eos </s> 1, pad <pad> 2, no unk).",
     )
     tok.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help=".jsonl/.txt files")
     tok.add_argument(
@@ -37,10 +40,20 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
         required=True,
         type=Path,
         metavar="PREFIX",
-        help="writes PREFIX.model and PREFIX.vocab",
+        help="sentencepiece: writes PREFIX.model and PREFIX.vocab; bpe: the folder PREFIX/",
     )
     tok.add_argument("--vocab-size", required=True, type=positive_int, metavar="N")
-    tok.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    tok.add_argument(
+        "--kind",
+        choices=("sentencepiece", "bpe"),
+        default="sentencepiece",
+        help="sentencepiece (default) or bpe (byte-level, Hugging Face tokenizers)",
+    )
+    tok.add_argument(
+        "--model-type",
+        choices=("bpe", "unigram"),
+        help="sentencepiece's algorithm (default bpe); only with --kind sentencepiece",
+    )
     tok.add_argument("--text-key", default="text", help="JSONL key holding the text")
     tok.add_argument("--skip-bad", action="store_true", help="skip bad lines/files, count them")
     tok.set_defaults(func=cmd_tokenizer)
@@ -53,7 +66,11 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     pre.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help=".jsonl/.txt files")
     pre.add_argument(
-        "--tokenizer", required=True, type=Path, metavar="MODEL", help="sentencepiece .model"
+        "--tokenizer",
+        required=True,
+        type=Path,
+        metavar="TOKENIZER",
+        help="sentencepiece .model, tokenizer.json, or a folder holding either",
     )
     pre.add_argument("--out", required=True, type=Path, metavar="PREFIX")
     pre.add_argument("--workers", type=int, default=1, metavar="N", help="tokenizer processes")
@@ -86,34 +103,47 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:
-    from megatron_dyt.data.tokenizer import Tokenizer, train_tokenizer
+    from megatron_dyt.data.tokenizer import load_tokenizer
+    from megatron_dyt.data.tokenizer_training import train_bpe_tokenizer, train_tokenizer
 
-    model = train_tokenizer(
-        args.inputs,
-        args.out,
-        args.vocab_size,
-        model_type=args.model_type,
-        text_key=args.text_key,
-        skip_bad=args.skip_bad,
+    common = dict(text_key=args.text_key, skip_bad=args.skip_bad)
+    if args.kind == "bpe":
+        if args.model_type is not None:
+            raise UsageError(
+                f"--model-type {args.model_type} is a sentencepiece option; --kind bpe trains a"
+                " byte-level BPE (drop --model-type, or use --kind sentencepiece)"
+            )
+        path = train_bpe_tokenizer(args.inputs, args.out, args.vocab_size, **common)
+        wrote = f"{path} and {path.with_name('tokenizer_config.json')}: byte-level BPE"
+    else:
+        model_type = args.model_type or "bpe"
+        path = train_tokenizer(
+            args.inputs, args.out, args.vocab_size, model_type=model_type, **common
+        )
+        wrote = f"{path} and {path.with_suffix('.vocab')}: sentencepiece {model_type}"
+    tokenizer = load_tokenizer(path)
+    ids = ", ".join(
+        f"{name} {value}" if value >= 0 else f"no {name}"
+        for name, value in (
+            ("unk", tokenizer.unk),
+            ("bos", tokenizer.bos),
+            ("eos/eod", tokenizer.eod),
+            ("pad", tokenizer.pad),
+        )
     )
-    tokenizer = Tokenizer(model)
-    print(
-        f"wrote {model} and {model.with_suffix('.vocab')}: {args.model_type}, vocab size"
-        f" {tokenizer.vocab_size} (unk {tokenizer.unk}, bos {tokenizer.bos}, eos/eod"
-        f" {tokenizer.eod}, no pad)"
-    )
+    print(f"wrote {wrote}, vocab size {tokenizer.vocab_size} ({ids})")
     return 0
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from megatron_dyt.data.preprocess import preprocess
-    from megatron_dyt.data.tokenizer import Tokenizer
+    from megatron_dyt.data.tokenizer import load_tokenizer
 
     if args.workers < 1:
         raise UsageError(f"--workers {args.workers}: must be at least 1")
     summary = preprocess(
         args.inputs,
-        Tokenizer(args.tokenizer),
+        load_tokenizer(args.tokenizer),
         args.out,
         text_key=args.text_key,
         workers=args.workers,

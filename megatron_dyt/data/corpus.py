@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_dyt.data.preprocess import preprocess
-from megatron_dyt.data.tokenizer import Tokenizer, train_tokenizer
+from megatron_dyt.data.tokenizer import SentencePieceTokenizer
+from megatron_dyt.data.tokenizer_training import train_tokenizer
 from megatron_dyt.errors import DataError
 
 DEMO_BUDGET_BYTES = 6_000_000
@@ -110,7 +111,7 @@ def ensure_demo_data(
             corpus_path = demo / "corpus.jsonl"
             train_tokenizer([corpus_path], demo / f"tokenizer-{vocab_size}", vocab_size, seed=seed)
             summary = preprocess(
-                [corpus_path], Tokenizer(tokenizer_path), prefix, progress=progress
+                [corpus_path], SentencePieceTokenizer(tokenizer_path), prefix, progress=progress
             )
             entry = {
                 "seed": seed,

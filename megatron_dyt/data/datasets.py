@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from megatron_dyt.data.corpus import ensure_demo_data, file_lock
-from megatron_dyt.data.tokenizer import Tokenizer
+from megatron_dyt.data.tokenizer import ACCEPTED, Tokenizer, load_tokenizer
 from megatron_dyt.errors import DataError
 
 if TYPE_CHECKING:
@@ -56,14 +56,14 @@ def resolve_data(cfg: Config) -> tuple[Tokenizer, list[str], list[float] | None]
     data = cfg.data
     if data.demo:
         demo = _demo_data(cfg)
-        return Tokenizer(demo.tokenizer_path), [str(demo.data_prefix)], None
+        return load_tokenizer(demo.tokenizer_path), [str(demo.data_prefix)], None
     if not data.tokenizer:
         raise DataError(
-            "data.tokenizer is not set: give the sentencepiece .model the data was tokenized"
-            " with (or data.demo=true to use the built-in demo corpus)"
+            "data.tokenizer is not set: give the tokenizer the data was tokenized with"
+            f" ({ACCEPTED}), or data.demo=true to use the built-in demo corpus"
         )
     try:
-        tokenizer = Tokenizer(data.tokenizer)
+        tokenizer = load_tokenizer(data.tokenizer)
     except ValueError as exc:
         raise DataError(f"data.tokenizer: {exc}") from None
     if tokenizer.vocab_size > cfg.model.vocab_size:

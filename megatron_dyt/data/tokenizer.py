@@ -1,148 +1,187 @@
-"""SentencePiece tokenizers: train one LLaMA-style, and load one for preprocessing and training.
+"""Tokenizers behind one interface: sentencepiece `.model` files and Hugging Face `tokenizer.json`.
 
-The trained models round-trip exactly (`decode(encode(s)) == s` for any text): no Unicode
-normalisation, whitespace kept as is, no dummy prefix space, and byte fallback for characters the
-vocabulary lacks. Special ids follow LLaMA: unk 0, bos 1, eos 2 (also the end-of-document token),
-no pad.
+`load_tokenizer(path)` picks the kind by file (docs/design.md §5, "Tokenizers"): a `.model`
+file is sentencepiece; a `.json` file (a `tokenizer.json`) or a folder holding `tokenizer.json`
+is Hugging Face `tokenizers`; a folder holding only `tokenizer.model` is sentencepiece. Anything
+else is one `DataError` saying what is accepted.
+
+Both kinds give the same interface. `encode` maps text to ids without BOS/EOS, and treats a
+special token's string in the text ("</s>" in a web page) as text, never as the control id, so
+documents cannot inject end-of-document tokens. The special ids — `bos`, `eos` (also `eod`, the
+end of document put between documents), `pad`, `unk`, each -1 when absent — come from the
+tokenizer itself: sentencepiece records them in the model; for a tokenizer.json they are the
+`bos_token`/`eos_token`/`pad_token`/`unk_token` of a `tokenizer_config.json` (or
+`special_tokens_map.json`) beside it, as transformers reads them, and otherwise the tokenizer's
+special tokens with a conventional name (`<s>`, `</s>`, `<|endoftext|>`, ...; the table below).
+
+`save(folder)` writes a tokenizer's own bytes under the conventional names (`tokenizer.model`,
+or `tokenizer.json` with its `tokenizer_config.json` / `special_tokens_map.json`), so
+`load_tokenizer(folder)` gives back the same tokenizer; checkpoints store theirs this way.
 
 `Tokenizer` is duck-typed to what megatron-core's `GPTDatasetConfig(tokenizer=...)` reads
 (`vocab_size`, `eod`, `pad`, `unique_identifiers`) rather than subclassing its tokenizer class:
-importing megatron-core costs ~10 s, and the CLI and the preprocessing workers only need
-sentencepiece.
+importing megatron-core costs ~10 s, and the CLI and the preprocessing workers need only the
+tokenizer libraries.
 """
 
 from __future__ import annotations
 
+import abc
 import hashlib
-import os
-import random
-import re
-import shutil
-import tempfile
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any, ClassVar
 
 import sentencepiece as spm
 
-from megatron_dyt.data.preprocess import DataError, DocumentReader
+from megatron_dyt.errors import DataError
 
-# Lines longer than this are cut into pieces for training (sentencepiece skips longer sentences).
-_TRAIN_CHUNK_CHARS = 4096
-# Sentences sampled for training: enough for a good vocabulary, few enough to train in seconds.
-DEFAULT_MAX_SENTENCES = 1_000_000
+# The names a tokenizer's files have in a tokenizer folder (Hugging Face's conventions).
+SP_MODEL = "tokenizer.model"
+HF_JSON = "tokenizer.json"
+HF_CONFIG = "tokenizer_config.json"
+HF_SPECIAL_MAP = "special_tokens_map.json"
+TOKENIZER_FILES = (HF_JSON, HF_CONFIG, HF_SPECIAL_MAP, SP_MODEL)
+
+ACCEPTED = (
+    "accepted: a sentencepiece .model file, a Hugging Face tokenizer.json file, or a folder"
+    f" holding {HF_JSON} (with an optional {HF_CONFIG}) or {SP_MODEL}"
+)
+
 # sentencepiece replaces spaces by this meta symbol and decodes it back to a space.
 _META = "\u2581"
 
+# A tokenizer.json whose config names no role: its special tokens with these names take it.
+CONVENTIONAL_SPECIALS: dict[str, tuple[str, ...]] = {
+    "bos_token": ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>", "[BOS]"),
+    "eos_token": ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "[EOS]"),
+    "pad_token": ("<pad>", "<|pad|>", "[PAD]"),
+    "unk_token": ("<unk>", "[UNK]"),
+}
 
-def train_tokenizer(
-    inputs: Sequence[Path | str],
-    out_prefix: Path | str,
-    vocab_size: int,
-    model_type: str = "bpe",
-    text_key: str = "text",
-    *,
-    skip_bad: bool = False,
-    max_sentences: int = DEFAULT_MAX_SENTENCES,
-    seed: int = 0,
-) -> Path:
-    """Train a LLaMA-style sentencepiece model on the inputs; returns `<out_prefix>.model`.
 
-    Inputs are read like `preprocess` reads them (.jsonl: one document per line under `text_key`;
-    .txt/.md: the whole file is one document). sentencepiece learns from lines, so every document
-    is split into its non-blank lines; at most `max_sentences` lines, chosen at random with
-    `seed`, are used. The sampling is done here rather than by sentencepiece because its own
-    sampling is not reproducible; the same inputs and seed give the same vocabulary (the model
-    file also records the temporary path it was trained under). Both files are written to a
-    temporary folder and renamed into place.
+def load_tokenizer(path: Path | str) -> Tokenizer:
+    """The tokenizer at `path`: a `.model` file, a tokenizer.json, or a folder holding one."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / HF_JSON).is_file():
+            return HFTokenizer(path / HF_JSON)
+        if (path / SP_MODEL).is_file():
+            return SentencePieceTokenizer(path / SP_MODEL)
+        raise DataError(
+            f"tokenizer folder '{path}' holds neither {HF_JSON} nor {SP_MODEL}; {ACCEPTED}"
+        )
+    if not path.exists():
+        raise DataError(f"tokenizer '{path}' does not exist; {ACCEPTED}")
+    if path.suffix == ".model":
+        return SentencePieceTokenizer(path)
+    if path.name in (HF_CONFIG, HF_SPECIAL_MAP):
+        raise DataError(
+            f"'{path}' holds a tokenizer's settings, not the tokenizer; give the {HF_JSON}"
+            " beside it or their folder"
+        )
+    if path.suffix == ".json":
+        return HFTokenizer(path)
+    hint = (
+        " (sentencepiece's listing: give the .model beside it)" if path.suffix == ".vocab" else ""
+    )
+    raise DataError(f"tokenizer '{path}' is not a tokenizer file{hint}; {ACCEPTED}")
+
+
+class Tokenizer(abc.ABC):
+    """What the data pipeline, megatron-core, evaluation and the exports use of a tokenizer.
+
+    Special ids are -1 when the tokenizer has no such token. `sha256` identifies the content
+    (not the path); pickling carries the bytes, so data workers need no access to the file.
     """
-    if model_type not in ("bpe", "unigram"):
-        raise DataError(f"model_type={model_type!r}: choose 'bpe' or 'unigram'")
-    out_prefix = Path(out_prefix)
-    reader = DocumentReader(inputs, text_key=text_key, skip_bad=skip_bad)
-    sentences = _sample(_training_lines(reader), max_sentences, seed)
-    if not sentences:
-        raise DataError(f"no text to train a tokenizer on in {', '.join(map(str, inputs))}")
-    out_prefix.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(
-        tempfile.mkdtemp(prefix=f".{out_prefix.name}.", suffix=".tmp", dir=out_prefix.parent)
-    )
-    try:
-        try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(sentences),
-                model_prefix=str(tmp / "m"),
-                vocab_size=vocab_size,
-                model_type=model_type,
-                byte_fallback=True,
-                split_digits=True,
-                unk_id=0,
-                bos_id=1,
-                eos_id=2,
-                pad_id=-1,
-                normalization_rule_name="identity",
-                remove_extra_whitespaces=False,
-                add_dummy_prefix=False,
-                allow_whitespace_only_pieces=True,
-                character_coverage=0.9995,
-                input_sentence_size=0,  # sampled above, reproducibly
-                max_sentence_length=4 * _TRAIN_CHUNK_CHARS,
-                num_threads=2,  # fixed: the learned vocabulary depends on the thread count
-                minloglevel=2,
+
+    kind: ClassVar[str]  # "sentencepiece" or "huggingface"
+    path: Path  # the file it was loaded from
+    sha256: str
+    _NO_EOS_HINT: ClassVar[str]
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """One more than the largest id: the rows an embedding needs."""
+
+    @property
+    @abc.abstractmethod
+    def bos(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def eos(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def pad(self) -> int:
+        """-1 when the tokenizer has no pad token (the LLaMA convention)."""
+
+    @property
+    @abc.abstractmethod
+    def unk(self) -> int: ...
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without BOS/EOS; special-token strings in `text` are text."""
+
+    @abc.abstractmethod
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    @abc.abstractmethod
+    def id_to_piece(self, token: int) -> str:
+        """The vocabulary entry of `token` (a special token's string for special ids)."""
+
+    @abc.abstractmethod
+    def files(self) -> dict[str, bytes]:
+        """The tokenizer's files by their conventional name (`TOKENIZER_FILES`)."""
+
+    @property
+    def eod(self) -> int:
+        """End of document: appended after every document; the same id as `eos`."""
+        if self.eos < 0:
+            raise DataError(
+                f"tokenizer '{self.path}' has no end-of-sequence token, which training data"
+                f" needs between documents; {self._NO_EOS_HINT}"
             )
-        except RuntimeError as exc:
-            raise DataError(_explain_training_error(str(exc), vocab_size)) from None
-        os.replace(tmp / "m.vocab", f"{out_prefix}.vocab")
-        os.replace(tmp / "m.model", f"{out_prefix}.model")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return Path(f"{out_prefix}.model")
+        return self.eos
+
+    @property
+    def unique_identifiers(self) -> dict[str, str]:
+        # megatron-core hashes this into its dataset cache names (it is serialised with the
+        # dataset config); the content, not the path, identifies the tokenizer.
+        return {"class": type(self).__name__, "sha256": self.sha256}
+
+    def special_token(self, token: int) -> str | None:
+        """The string of special id `token`, or None for -1."""
+        return self.id_to_piece(token) if token >= 0 else None
+
+    def save(self, folder: Path | str) -> None:
+        """Write the tokenizer's files into `folder`; `load_tokenizer(folder)` loads it again."""
+        for name, blob in self.files().items():
+            (Path(folder) / name).write_bytes(blob)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}('{self.path}', vocab_size={self.vocab_size})"
+
+    # megatron-core's tokenizer vocabulary
+    def tokenize(self, text: str) -> list[int]:
+        return self.encode(text)
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return self.decode(ids)
 
 
-def _training_lines(documents: Iterable[str]) -> Iterable[str]:
-    for text in documents:
-        for line in text.split("\n"):
-            if line.strip():
-                for i in range(0, len(line), _TRAIN_CHUNK_CHARS):
-                    yield line[i : i + _TRAIN_CHUNK_CHARS]
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece model; ids and pieces as the model records them."""
 
-
-def _sample(lines: Iterable[str], limit: int, seed: int) -> list[str]:
-    """A uniform random sample of at most `limit` lines (reservoir sampling), in input order."""
-    rng = random.Random(seed)
-    kept: list[tuple[int, str]] = []
-    for i, line in enumerate(lines):
-        if i < limit:
-            kept.append((i, line))
-        else:
-            j = rng.randrange(i + 1)
-            if j < limit:
-                kept[j] = (i, line)
-    kept.sort()
-    return [line for _, line in kept]
-
-
-def _explain_training_error(message: str, vocab_size: int) -> str:
-    message = message.strip().splitlines()[-1] if message.strip() else message
-    small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
-    if small:
-        need = int(small.group(2))
-        return (
-            f"vocab_size={vocab_size} is too small for this corpus: it needs at least {need}"
-            f" (256 byte tokens, 3 special tokens and {need - 259} frequent characters)"
-        )
-    large = re.search(
-        r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message
+    kind = "sentencepiece"
+    _NO_EOS_HINT = (
+        "train it with an eos piece (the default of `megatron-dyt data tokenizer`) or use a"
+        " tokenizer that has one"
     )
-    if large:
-        return (
-            f"vocab_size={vocab_size} is too large for this little text: it supports at most"
-            f" {large.group(1)} tokens (use more text or a smaller vocab_size)"
-        )
-    return f"sentencepiece could not train a {vocab_size}-token tokenizer: {message}"
-
-
-class Tokenizer:
-    """A sentencepiece model with the ids and methods the data pipeline and megatron-core use."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
@@ -167,9 +206,6 @@ class Tokenizer:
         # A literal U+2581 would decode as a space; encode it as its UTF-8 bytes instead.
         meta_bytes = [sp.piece_to_id(f"<0x{b:02X}>") for b in _META.encode()]
         self._meta_ids = meta_bytes if all(sp.is_byte(i) for i in meta_bytes) else None
-        # megatron-core hashes this into its dataset cache names (it is serialised with the
-        # dataset config); the model's content, not its path, identifies the tokenizer.
-        self.unique_identifiers = {"class": "SentencePieceTokenizer", "sha256": self.sha256}
 
     def __getstate__(self) -> dict:
         # Datasets hold the tokenizer (through their config) and get pickled into data workers.
@@ -178,9 +214,6 @@ class Tokenizer:
     def __setstate__(self, state: dict) -> None:
         self.path = Path(state["path"])
         self._load(state["proto"])
-
-    def __repr__(self) -> str:
-        return f"Tokenizer('{self.path}', vocab_size={self.vocab_size})"
 
     @property
     def vocab_size(self) -> int:
@@ -199,24 +232,10 @@ class Tokenizer:
         return self._sp.eos_id()
 
     @property
-    def eod(self) -> int:
-        """End of document: appended after every document; the same id as `eos`."""
-        eos = self._sp.eos_id()
-        if eos < 0:
-            raise DataError(
-                f"tokenizer model '{self.path}' has no end-of-sequence token (eos_id=-1), which"
-                " training data needs between documents; train it with an eos piece (the"
-                " default of `megatron-dyt data tokenizer`)"
-            )
-        return eos
-
-    @property
     def pad(self) -> int:
-        """-1 when the model has no pad token (the LLaMA convention)."""
         return self._sp.pad_id()
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without BOS/EOS."""
         if _META not in text or self._meta_ids is None:
             return self._sp.encode(text)
         ids: list[int] = []
@@ -233,6 +252,151 @@ class Tokenizer:
     def id_to_piece(self, token: int) -> str:
         return self._sp.id_to_piece(int(token))
 
-    # megatron-core's tokenizer vocabulary
-    tokenize = encode
-    detokenize = decode
+    def files(self) -> dict[str, bytes]:
+        return {SP_MODEL: self._proto}
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers` tokenizer.json, with the settings files beside it.
+
+    Truncation and padding recorded in the file are switched off: documents are encoded whole.
+    """
+
+    kind = "huggingface"
+    _NO_EOS_HINT = (
+        f'name one as eos_token in a {HF_CONFIG} beside it (e.g. {{"eos_token": "</s>"}})'
+    )
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"tokenizer '{self.path}' does not exist")
+        blobs = {HF_JSON: self.path.read_bytes()}
+        for name in (HF_CONFIG, HF_SPECIAL_MAP):
+            if (self.path.parent / name).is_file():
+                blobs[name] = (self.path.parent / name).read_bytes()
+        self._load(blobs)
+
+    def _load(self, blobs: dict[str, bytes]) -> None:
+        from tokenizers import Tokenizer as Backend
+
+        try:
+            backend = Backend.from_str(blobs[HF_JSON].decode("utf-8"))
+        except Exception as exc:  # the Rust library raises plain Exception subclasses
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise DataError(
+                f"tokenizer '{self.path}' is not a Hugging Face tokenizer.json ({reason})"
+            ) from None
+        backend.no_truncation()
+        backend.no_padding()
+        backend.encode_special_tokens = True  # "</s>" in a document is text
+        vocab = backend.get_vocab(with_added_tokens=True)
+        if not vocab:
+            raise DataError(f"tokenizer '{self.path}' has an empty vocabulary")
+        self._backend = backend
+        self._blobs = dict(blobs)
+        self._vocab_size = max(vocab.values()) + 1
+        digest = hashlib.sha256()
+        for name in sorted(blobs):
+            digest.update(f"{name}:{len(blobs[name])}:".encode())
+            digest.update(blobs[name])
+        self.sha256 = digest.hexdigest()
+        settings = [(name, self._settings(name)) for name in (HF_CONFIG, HF_SPECIAL_MAP)]
+        specials = {
+            token.content for token in backend.get_added_tokens_decoder().values() if token.special
+        }
+        model_unk = getattr(backend.model, "unk_token", None)
+        self._ids = {
+            role: self._role_id(role, settings, specials, model_unk)
+            for role in CONVENTIONAL_SPECIALS
+        }
+
+    def _settings(self, name: str) -> dict[str, Any]:
+        if name not in self._blobs:
+            return {}
+        where = self.path.parent / name
+        try:
+            value = json.loads(self._blobs[name])
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"'{where}' is not valid JSON ({exc})") from None
+        if not isinstance(value, dict):
+            raise DataError(f"'{where}' must hold a JSON object, not {type(value).__name__}")
+        return value
+
+    def _role_id(
+        self,
+        role: str,
+        settings: list[tuple[str, Mapping[str, Any]]],
+        specials: set[str],
+        model_unk: str | None,
+    ) -> int:
+        """The id of `role` ('eos_token', ...): named by a settings file, else by convention."""
+        for name, values in settings:
+            if role not in values:
+                continue
+            token = values[role]
+            if isinstance(token, dict):  # an AddedToken written out by transformers
+                token = token.get("content")
+            if token is None:
+                return -1
+            where = self.path.parent / name
+            if not isinstance(token, str):
+                raise DataError(f"'{where}': {role}={token!r} must be a token string or null")
+            token_id = self._backend.token_to_id(token)
+            if token_id is None:
+                raise DataError(
+                    f"'{where}': {role}={token!r} is not in the vocabulary of '{self.path}'"
+                )
+            return token_id
+        candidates = CONVENTIONAL_SPECIALS[role]
+        if role == "unk_token" and model_unk is not None:  # the model's own fallback token first
+            candidates, specials = (model_unk, *candidates), {*specials, model_unk}
+        for token in candidates:
+            token_id = self._backend.token_to_id(token) if token in specials else None
+            if token_id is not None:
+                return token_id
+        return -1
+
+    def __getstate__(self) -> dict:
+        return {"path": str(self.path), "blobs": self._blobs}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path = Path(state["path"])
+        self._load(state["blobs"])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def bos(self) -> int:
+        return self._ids["bos_token"]
+
+    @property
+    def eos(self) -> int:
+        return self._ids["eos_token"]
+
+    @property
+    def pad(self) -> int:
+        return self._ids["pad_token"]
+
+    @property
+    def unk(self) -> int:
+        return self._ids["unk_token"]
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The tokenizer_config.json beside it ({} when there is none)."""
+        return self._settings(HF_CONFIG)
+
+    def encode(self, text: str) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._backend.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def id_to_piece(self, token: int) -> str:
+        return self._backend.id_to_token(int(token)) or ""
+
+    def files(self) -> dict[str, bytes]:
+        return dict(self._blobs)

@@ -121,7 +121,6 @@ def evaluate_checkpoint(
 ) -> EvalOutput:
     """Load a training checkpoint at its layout (or TP=PP=1 in one process) and evaluate it."""
     from megatron_dyt import checkpoint as ckpt
-    from megatron_dyt.data import Tokenizer
     from megatron_dyt.eval.adapter import make_lm
     from megatron_dyt.inference.load import inference_config, load_module
 
@@ -136,7 +135,7 @@ def evaluate_checkpoint(
 
     loaded = load_module(folder, saved, cfg)
     module, device, dtype = loaded.module, loaded.device, loaded.dtype
-    tokenizer = Tokenizer(folder / "tokenizer.model")
+    tokenizer = ckpt.read_tokenizer(folder)
     lm = make_lm(module, cfg, tokenizer, device, dtype, batch_size)
     results = evaluate(lm, tasks, limit=limit, manager=manager)
     if results is None:

@@ -167,18 +167,11 @@ def generate_text(
 ) -> tuple[str, Generation]:
     """Load a checkpoint (`inference.load`) and continue `prompt`; (new text, the generation).
     Every rank of the job calls it and gets the same result."""
-    from megatron_dyt.checkpoint import CheckpointError
-    from megatron_dyt.data import Tokenizer
+    from megatron_dyt.checkpoint import read_tokenizer
     from megatron_dyt.inference.load import inference_config, load_module
 
     folder, saved, cfg = inference_config(checkpoint, overrides)
-    tokenizer_path = folder / "tokenizer.model"
-    if not tokenizer_path.is_file():
-        raise CheckpointError(
-            f"checkpoint '{folder}' has no tokenizer.model, so the prompt cannot be tokenized"
-            " (copy the run's sentencepiece model there)"
-        )
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = read_tokenizer(folder)  # a clear error when the checkpoint holds none
     ids = tokenizer.encode(prompt)
     loaded = load_module(folder, saved, cfg)
     decoder = Decoder(loaded.module, cfg, loaded.device, loaded.dtype)

@@ -600,7 +600,7 @@ class Trainer:
             pos.step,
             client,
             self.cfg,
-            self.tokenizer.path,
+            self.tokenizer,
             self.cfg.train.keep_checkpoints,
         )
         if self.is_rank0:  # every rank's files are written: the save ends with a barrier
