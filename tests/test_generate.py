@@ -106,7 +106,9 @@ def test_sampling_is_seeded_and_top_p_narrows():
 def checkpoint(corpus, tmp_path_factory):
     cfg = _cfg()
     run = tmp_path_factory.mktemp("gen") / "run"
-    write_checkpoint(_random_full(cfg), cfg, run, tokenizer=corpus["tokenizer"], progress=False)
+    write_checkpoint(
+        _random_full(cfg), cfg, run, tokenizer=load_tokenizer(corpus["tokenizer"]), progress=False
+    )
     return run
 
 
@@ -141,7 +143,11 @@ def test_parallel_generate_equals_one_process(corpus, tmp_path, tp, pp):
     gives the tokens one process gives from the merged weights."""
     cfg = _cfg(tp=tp, pp=pp)
     write_checkpoint(
-        _random_full(cfg), cfg, tmp_path / "run", tokenizer=corpus["tokenizer"], progress=False
+        _random_full(cfg),
+        cfg,
+        tmp_path / "run",
+        tokenizer=load_tokenizer(corpus["tokenizer"]),
+        progress=False,
     )
     results = distributed.run(_generate_worker, 2, str(tmp_path / "run"), tmp_path=tmp_path)
     one = _generate_worker(str(tmp_path / "run"))
