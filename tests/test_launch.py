@@ -226,6 +226,9 @@ def test_bad_command_lines_are_one_clear_error(tmp_path, corpus):
     assert not (tmp_path / "r").exists()  # nothing written for a job that was not submitted
     local = cli("launch", "local", str(config), "--nproc", "3", "--dry-run")
     assert local.returncode == 2 and "not divisible" in local.stderr
+    nodata = cli("launch", "local", str(config), "data.paths=[/no/such]", "--nproc", "1")
+    assert nodata.returncode == 2 and "/no/such.bin and /no/such.idx not found" in nodata.stderr
+    assert "nothing was started" in nodata.stderr and "Traceback" not in nodata.stderr
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -378,6 +381,36 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, corpus, tmp_pat
     got = [r["step"] for r in records if "event" not in r]  # not the checkpoint events
     assert got == list(range(1, steps + 1))  # ... and no step was lost or repeated
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+
+
+@pytest.mark.slurm
+def test_a_job_that_would_fail_is_not_queued(cluster, corpus, tmp_path):
+    """Pre-flight, before sbatch: a missing dataset, a tokenizer larger than the model's
+    vocabulary and a time limit shorter than USR1's lead are one line each, exit 2, and the
+    cluster's queue stays empty; --no-check submits anyway."""
+    cfg = job_config(corpus)
+    cfg["data"]["paths"] = [str(tmp_path / "no-such-dataset")]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    args = ["launch", "slurm", str(tmp_path / "bad.yaml"), "--nodes", "1", "--gpus-per-node",
+            "0", "--nproc-per-node", "1", "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    out = subprocess.run([*CLI, *args, "--time", "2"], env=cluster.env, capture_output=True,
+                         text=True, cwd=ROOT)  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "nothing was queued (2 problem(s)" in out.stderr
+    assert f"{tmp_path / 'no-such-dataset'}.bin and " in out.stderr
+    assert "--time 2 (120 s) leaves no room for a checkpoint: USR1 comes 300 s" in out.stderr
+    assert cluster.run("squeue", "--noheader").stdout.strip() == ""
+    assert not (tmp_path / "run").exists()
+    small = job_config(corpus)
+    small["model"]["vocab_size"] = 64  # the corpus' tokenizer has 512 tokens
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(small))
+    out = subprocess.run([*CLI, *args[:2], str(tmp_path / "small.yaml"), *args[3:]],
+                         env=cluster.env, capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert out.returncode == 2 and "model.vocab_size=64" in out.stderr
+    assert cluster.run("squeue", "--noheader").stdout.strip() == ""
+    job = submit(cluster, *args[2:], "--no-check")  # queued: it fails in the job instead
+    state = cluster.wait(job)
+    assert state["JobState"] == "FAILED"
 
 
 @pytest.mark.slurm

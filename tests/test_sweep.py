@@ -193,20 +193,30 @@ def test_array_tasks_on_several_nodes_with_the_sites_options(tmp_path):
     assert "--nnodes=2" in cmd and "--nproc-per-node=8" in cmd and "--rdzv-backend=c10d" in cmd
 
 
-def test_runs_that_would_not_fit_are_not_queued(tmp_path, capsys):
-    """Every run is checked against the GPU's memory before the array is submitted: one line
-    per run that does not fit (`info`'s estimate, what would make it fit), nothing queued."""
+def test_runs_that_would_fail_are_not_queued(tmp_path, capsys, corpus):
+    """Before the array is submitted: the data once per data section, every run against the
+    GPU's memory (`info`'s estimate, what would make it fit), the time limit; one line per
+    problem, nothing queued, and --no-check skips the checks."""
     spec = _write_spec(
         tmp_path, tiny_dict(), {"model.hidden_size": [64, 4096], "train.seed": [1, 2]}
     )
     args = ["sweep", "run", str(spec), "--out", str(tmp_path / "o"), "--slurm"]
-    assert main([*args, "--gpu-memory", "1"]) == 2
+    assert main([*args, "--gpu-memory", "1", "--time", "1"]) == 2
     err = capsys.readouterr().err
-    assert "2 of 4 runs would not fit one GPU; nothing was queued" in err
-    assert "sweep run 2 " in err and "sweep run 3 " in err and "sweep run 0 " not in err
-    assert "does not fit in 1 GiB" in err and "Traceback" not in err
-    assert not (tmp_path / "o" / "sweep.sbatch").exists()
+    assert "4 sweep run(s) would fail, so nothing was queued (4 problem(s)" in err
+    assert err.count("data.tokenizer is not set") == 1  # one data section: said once
+    assert "sweep run 2 " in err and "sweep run 3 " in err and "does not fit in 1 GiB" in err
+    assert "--time 1 (60 s) leaves no room for a checkpoint" in err
+    assert "Traceback" not in err and not (tmp_path / "o" / "sweep.sbatch").exists()
+    assert main([*args, "--gpu-memory", "1", "--dry-run"]) == 0  # a preview: said as notes
+    assert "note: submitting would fail: sweep run 2 " in capsys.readouterr().err
     assert main([*args, "--gpu-memory", "1", "--no-check", "--dry-run"]) == 0
+    assert "would fail" not in capsys.readouterr().err
+    # with data, a GPU that holds every run and a long enough limit: nothing to say
+    spec = _write_spec(tmp_path, train_dict(corpus), {"train.seed": [1, 2]})
+    good = ["sweep", "run", str(spec), "--out", str(tmp_path / "g"), "--slurm", "--dry-run"]
+    assert main([*good, "--time", "04:00:00"]) == 0
+    assert "would fail" not in capsys.readouterr().err
 
 
 def test_slurm_dry_run_prints_script(tmp_path, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from megatron_dyt.arguments import non_negative_int, positive_int
+from megatron_dyt.arguments import non_negative_int, positive_float, positive_int
 
 
 def _run_dir(args: argparse.Namespace) -> Path:
@@ -39,7 +39,15 @@ def cmd_slurm(args: argparse.Namespace) -> int:
         setup=Path(args.setup) if args.setup else None,
         extra=args.sbatch,
     )
-    launch(cfg, _run_dir(args), opts, ["megatron-dyt", *sys.argv[1:]], dry_run=args.dry_run)
+    launch(
+        cfg,
+        _run_dir(args),
+        opts,
+        ["megatron-dyt", *sys.argv[1:]],
+        dry_run=args.dry_run,
+        check=not args.no_check,
+        gpu_memory=args.gpu_memory,
+    )
     return 0
 
 
@@ -48,6 +56,15 @@ def cmd_local(args: argparse.Namespace) -> int:
     from megatron_dyt.launch.local import launch
 
     cfg = load_config(args.config, args.overrides)
+    if not args.no_check:
+        import torch
+
+        from megatron_dyt.launch import preflight
+
+        problems = preflight.check(
+            cfg, gpus=args.nproc, gpu_memory=args.gpu_memory, on_gpus=torch.cuda.is_available()
+        )
+        preflight.require(problems, f"training {cfg.model.name}", done="started")
     return launch(
         cfg, args.config, args.overrides, _run_dir(args), args.nproc, dry_run=args.dry_run
     )
@@ -139,7 +156,23 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
         help="extra #SBATCH option, e.g. --sbatch=--exclusive (repeatable)",
     )
     slurm.add_argument("--run-dir", help="run folder (default: runs/<config file name>)")
-    slurm.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    slurm.add_argument(
+        "--gpu-memory",
+        type=positive_float,
+        default=None,
+        metavar="GIB",
+        help="memory of one GPU for the pre-flight fit check (default: this machine's, else 80)",
+    )
+    slurm.add_argument(
+        "--no-check",
+        action="store_true",
+        help="submit without the pre-flight checks (data, tokenizer, memory, time limit)",
+    )
+    slurm.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the script, submit nothing (pre-flight problems are printed as notes)",
+    )
     slurm.set_defaults(func=cmd_slurm)
 
     local = where.add_parser(
@@ -151,5 +184,17 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
     local.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     local.add_argument("--nproc", type=positive_int, required=True, help="processes to start")
     local.add_argument("--run-dir", help="run folder (default: runs/<config file name>)")
+    local.add_argument(
+        "--gpu-memory",
+        type=positive_float,
+        default=None,
+        metavar="GIB",
+        help="memory of one GPU for the pre-flight fit check (default: this machine's)",
+    )
+    local.add_argument(
+        "--no-check",
+        action="store_true",
+        help="start without the pre-flight checks (data, tokenizer, memory)",
+    )
     local.add_argument("--dry-run", action="store_true", help="print the command only")
     local.set_defaults(func=cmd_local)

@@ -268,14 +268,37 @@ def submit(script: str, script_path: Path, extra_args: list[str] | None = None) 
 
 
 def launch(
-    cfg: Config, run_dir: Path, opts: SlurmOptions, command: list[str], dry_run: bool = False
+    cfg: Config,
+    run_dir: Path,
+    opts: SlurmOptions,
+    command: list[str],
+    dry_run: bool = False,
+    check: bool = True,
+    gpu_memory: float | None = None,
 ) -> str | None:
-    """Render, then print (dry run) or submit; submission records what was sent."""
+    """Render, check (`preflight`), then print (dry run: problems as notes) or submit;
+    submission records what was sent."""
+    from megatron_dyt.launch import preflight
+
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
     script, layout = render(cfg, run_dir, opts, stamp=stamp)
+    problems = []
+    if check:
+        problems = preflight.check(
+            cfg,
+            gpus=layout.world,
+            gpu_memory=gpu_memory,
+            time_limit=opts.time,
+            signal_seconds=opts.signal_seconds,
+            run_dir=run_dir,
+            on_gpus=opts.gpus_per_node > 0,
+        )
     if dry_run:
         print(script, end="")
+        for problem in problems:
+            print(f"note: submitting would fail: {problem}", file=sys.stderr)
         return None
+    preflight.require(problems, f"the job for {cfg.model.name}")
     require_sbatch()
     launch_dir = run_dir.resolve() / "launch"
     script_path = launch_dir / f"sbatch-{stamp}.sh"

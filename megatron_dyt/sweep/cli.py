@@ -14,7 +14,7 @@ from typing import Any
 from megatron_dyt.arguments import positive_float, positive_int
 from megatron_dyt.sweep.runner import run_local, run_one
 from megatron_dyt.sweep.slurm_array import array_script, requeue_array_task, submit
-from megatron_dyt.sweep.spec import SweepError, format_value, load_spec, validate
+from megatron_dyt.sweep.spec import format_value, load_spec, validate
 from megatron_dyt.sweep.state import prepare, read_status, skip_reason
 
 
@@ -35,25 +35,43 @@ def _time_line(args: argparse.Namespace) -> str:
     return format_sweep_time(sweep_time(cfgs, args.gpus_per_run))
 
 
-def _check_memory(args: argparse.Namespace, plan: list[dict[str, Any]], pending: list[int]) -> None:
-    """Every run to be queued fits its GPUs (`info`'s estimate), or nothing is queued."""
+def _preflight(args: argparse.Namespace, plan: list[dict[str, Any]], pending: list[int]) -> None:
+    """Every run to be queued would start training: its data and tokenizer exist and fit, it
+    fits its GPUs (`info`'s estimate), the time limit leaves room for a checkpoint; or nothing
+    is queued. Runs that share a data section or a shape are checked once."""
     from megatron_dyt.info import sweep_fit
+    from megatron_dyt.launch import preflight
 
     cfgs = dict(enumerate(cfg for _, cfg in validate(load_spec(args.spec))))
     todo = [i for i in pending if i in cfgs]
+    problems: list[str] = []
+    seen_data: set[str] = set()
+    for i in todo:
+        key = repr(cfgs[i].data)
+        if key not in seen_data:
+            seen_data.add(key)
+            problems += [
+                f"sweep run {i} '{plan[i]['name']}': {p}" for p in preflight.data_problems(cfgs[i])
+            ]
     misfits = sweep_fit([cfgs[i] for i in todo], args.gpus_per_run, args.gpu_memory)
-    if misfits:
-        lines = [
-            f"  sweep run {todo[k]} '{plan[todo[k]]['name']}': {fit['message']}"
-            for k, fit in misfits[:10]
+    lines = [
+        f"sweep run {todo[k]} '{plan[todo[k]]['name']}': {fit['message']}" for k, fit in misfits
+    ]
+    problems += lines[:10] + (
+        [f"… and {len(lines) - 10} more runs that do not fit"] if len(lines) > 10 else []
+    )
+    if args.time and todo:
+        longest = max(todo, key=lambda i: cfgs[i].model.num_layers * cfgs[i].model.hidden_size ** 2)
+        gpus = args.gpus_per_run or 1
+        problems += [
+            f"sweep run {longest} '{plan[longest]['name']}': {p}"
+            for p in preflight.time_problems(cfgs[longest], args.time, gpus, 120)
         ]
-        if len(misfits) > 10:
-            lines.append(f"  … and {len(misfits) - 10} more")
-        raise SweepError(
-            f"{len(misfits)} of {len(todo)} runs would not fit one GPU; nothing was queued"
-            " (--gpu-memory GIB names the GPU's memory; --no-check skips this):\n"
-            + "\n".join(lines)
-        )
+    if args.dry_run:
+        for problem in problems:
+            print(f"note: submitting would fail: {problem}", file=sys.stderr)
+    else:
+        preflight.require(problems, f"{len(todo)} sweep run(s)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -69,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"nothing to submit: all {len(plan)} runs are done or diverged")
             return 0
         if not args.no_check:
-            _check_memory(args, plan, pending)
+            _preflight(args, plan, pending)
         script = array_script(
             sweep_dir,
             pending,
