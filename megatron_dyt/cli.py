@@ -1,4 +1,4 @@
-"""The `megatron-dyt` command: info, config, train, eval, data, launch, convert, sweep."""
+"""The `megatron-dyt` command: info, config, train, eval, lm-eval, data, launch, convert, sweep."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from megatron_dyt import __version__
-from megatron_dyt.arguments import positive_float, positive_int
+from megatron_dyt.arguments import non_negative_int, positive_float, positive_int
 from megatron_dyt.errors import MegatronDyTError, UsageError
 
 
@@ -112,11 +112,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=batch,
         limit=args.limit,
         out_dir=args.out,
+        num_fewshot=args.num_fewshot,
+        include_path=args.include_path,
+        log_samples=args.log_samples,
     )
     if out.table is not None:
         print("\n" + out.table)
         print(f"results: {out.out_dir / 'results.json'}")
+        if args.log_samples:
+            print(f"samples: {out.out_dir / 'samples_<task>.jsonl'}")
     return 0
+
+
+def cmd_lm_eval(args: list[str]) -> int:
+    from megatron_dyt.eval.lm_eval_cli import run_lm_eval
+
+    return run_lm_eval(args)
 
 
 def _positive_int(text: str) -> int:
@@ -228,7 +239,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", default="8", help="requests per forward pass, or 'auto'")
     ev.add_argument("--limit", type=positive_int, default=None, help="at most N documents per task")
     ev.add_argument("--out", help="output folder (default: <run>/eval/<step>)")
+    ev.add_argument(
+        "--num-fewshot",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help="examples in front of each prompt (default: each task's own, 0 for most)",
+    )
+    ev.add_argument(
+        "--include-path",
+        metavar="DIR",
+        help="a folder of your own lm-eval task YAML files (their tasks join the known ones)",
+    )
+    ev.add_argument(
+        "--log-samples",
+        action="store_true",
+        help="also write samples_<task>.jsonl: every document's requests, scores and metrics",
+    )
     ev.set_defaults(func=cmd_eval)
+
+    sub.add_parser(
+        "lm-eval",
+        add_help=False,
+        help="lm-eval's own command line, with the model 'megatron-dyt' registered",
+        description="Everything after `lm-eval` goes to lm-eval's CLI (`lm_eval --help`);"
+        " --model defaults to megatron-dyt, e.g. --model_args pretrained=runs/demo,batch_size=8.",
+    )
 
     from megatron_dyt.convert.cli import add_convert_parser
     from megatron_dyt.data.cli import add_data_commands
@@ -247,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     warnings.showwarning = _show_warning
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # lm-eval parses its own arguments
+        return _run(cmd_lm_eval, argv[1:])
     # KEY=VALUE overrides may also come after options (`train CFG --run-dir R a.b=1`).
     args, extra = parser.parse_known_args(argv)
     if extra:
@@ -254,8 +293,13 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides += extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return _run(args.func, args)
+
+
+def _run(func, args) -> int:
+    """Run a subcommand: bad input is one line on stderr and exit 2, no traceback."""
     try:
-        return args.func(args)
+        return func(args)
     except MegatronDyTError as exc:  # bad input: one line, no traceback
         print(f"megatron-dyt: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -85,7 +85,8 @@ def write_tokenizer(sp_model: Path, out: Path, max_length: int) -> None:
     shutil.copy2(sp_model, out / "tokenizer.model")
     config = {
         "tokenizer_class": "LlamaTokenizer",
-        "add_bos_token": True,
+        # no BOS: training never puts one in front of a document (docs/design.md §5)
+        "add_bos_token": False,
         "add_eos_token": False,
         "add_prefix_space": False,
         "legacy": False,
