@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval",
-        help="zero-shot lm-eval tasks on a checkpoint",
+        help="lm-eval tasks on a checkpoint (zero- or few-shot), suites and a results table",
         description="Evaluate a checkpoint saved by `megatron-dyt train` with lm-eval-harness, at"
         " the layout it was saved with (launch as many processes as it had, e.g. with torchrun)"
         " or at TP=PP=1 in one process. Default: the bundled offline suite.",
