@@ -1,4 +1,5 @@
-"""The `megatron-dyt` command: info, config, train, eval, generate, data, launch, convert, sweep."""
+"""The `megatron-dyt` command: info, config, train, eval, lm-eval, generate, data, launch, convert,
+sweep."""
 
 from __future__ import annotations
 
@@ -128,10 +129,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=batch,
         limit=args.limit,
         out_dir=args.out,
+        num_fewshot=args.num_fewshot,
+        include_path=args.include_path,
+        log_samples=args.log_samples,
     )
     if out.table is not None:
         print("\n" + out.table)
         print(f"results: {out.out_dir / 'results.json'}")
+        if args.log_samples:
+            print(f"samples: {out.out_dir / 'samples_<task>.jsonl'}")
     return 0
 
 
@@ -157,6 +163,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def cmd_lm_eval(args: list[str]) -> int:
+    from megatron_dyt.eval.lm_eval_cli import run_lm_eval
+
+    return run_lm_eval(args)
 
 
 def _positive_int(text: str) -> int:
@@ -275,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval",
-        help="zero-shot lm-eval tasks on a checkpoint",
+        help="lm-eval tasks on a checkpoint (zero- or few-shot), suites and a results table",
         description="Evaluate a checkpoint saved by `megatron-dyt train` with lm-eval-harness, at"
         " the layout it was saved with (launch as many processes as it had, e.g. with torchrun)"
         " or at TP=PP=1 in one process. Default: the bundled offline suite.",
@@ -289,6 +301,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", default="8", help="requests per forward pass, or 'auto'")
     ev.add_argument("--limit", type=positive_int, default=None, help="at most N documents per task")
     ev.add_argument("--out", help="output folder (default: <run>/eval/<step>)")
+    ev.add_argument(
+        "--num-fewshot",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help="examples in front of each prompt (default: each task's own, 0 for most)",
+    )
+    ev.add_argument(
+        "--include-path",
+        metavar="DIR",
+        help="a folder of your own lm-eval task YAML files (their tasks join the known ones)",
+    )
+    ev.add_argument(
+        "--log-samples",
+        action="store_true",
+        help="also write samples_<task>.jsonl: every document's requests, scores and metrics",
+    )
     ev.set_defaults(func=cmd_eval)
 
     gen = sub.add_parser(
@@ -323,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.set_defaults(func=cmd_generate)
 
+    sub.add_parser(
+        "lm-eval",
+        add_help=False,
+        help="lm-eval's own command line, with the model 'megatron-dyt' registered",
+        description="Everything after `lm-eval` goes to lm-eval's CLI (`lm_eval --help`);"
+        " --model defaults to megatron-dyt, e.g. --model_args pretrained=runs/demo,batch_size=8.",
+    )
+
     from megatron_dyt.convert.cli import add_convert_parser
     from megatron_dyt.data.cli import add_data_commands
     from megatron_dyt.launch.cli import add_launch_parser
@@ -340,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     warnings.showwarning = _show_warning
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # lm-eval parses its own arguments
+        return _run(cmd_lm_eval, argv[1:])
     # KEY=VALUE overrides may also come after options (`train CFG --run-dir R a.b=1`).
     args, extra = parser.parse_known_args(argv)
     if extra:
@@ -347,8 +387,13 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides += extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return _run(args.func, args)
+
+
+def _run(func, args) -> int:
+    """Run a subcommand: bad input is one line on stderr and exit 2, no traceback."""
     try:
-        return args.func(args)
+        return func(args)
     except MegatronDyTError as exc:  # bad input: one line, no traceback
         print(f"megatron-dyt: error: {exc}", file=sys.stderr)
         return exc.exit_code

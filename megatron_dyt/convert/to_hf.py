@@ -138,7 +138,8 @@ def _write_sentencepiece_tokenizer(
 
     config = {
         "tokenizer_class": "LlamaTokenizer",
-        "add_bos_token": True,
+        # no BOS: training never puts one in front of a document (docs/design.md §5)
+        "add_bos_token": False,
         "add_eos_token": False,
         "add_prefix_space": False,
         "legacy": False,

@@ -9,24 +9,48 @@ unpadded model) and broadcasts the results to the other stages.
 
 Request handling follows lm-eval's Hugging Face backend so scores are comparable: left
 truncation to the context length, the prefix token for empty contexts, rolling windows for
-`loglikelihood_rolling`, greedy `generate_until` with stop sequences.
+`loglikelihood_rolling`, greedy `generate_until` with stop sequences. No BOS goes in front of a
+context (training data is `doc EOD doc EOD …`, docs/design.md §5); the HF export's tokenizer
+adds none either, so lm-eval's `hf` backend on an export scores the same tokens.
+
+The class is registered with lm-eval as `megatron-dyt` when this module is imported, and builds
+itself from `--model_args` (`pretrained=RUN_OR_CHECKPOINT,batch_size=8,…`, `MODEL_ARGS`).
 """
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import lm_eval.models  # noqa: F401  lm-eval's own names first: an empty registry would skip them
 import torch
 import torch.distributed as dist
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
 from megatron.core import parallel_state as ps
 from torch import nn
 from tqdm import tqdm
 
+from megatron_dyt.errors import EvalError
 from megatron_dyt.model import KVCache, forward_cached
 from megatron_dyt.parallel import tp_group
+
+MODEL_NAME = "megatron-dyt"
+
+# What `--model_args` may hold (besides dotted config overrides such as parallel.tensor=1).
+MODEL_ARGS = {
+    "pretrained": "run folder, its checkpoints/ or a step_* folder (required)",
+    "batch_size": "requests per forward pass, or 'auto' (default 8)",
+    "max_batch_size": "the largest size 'auto' tries (default 256)",
+    "dtype": "auto (the checkpoint's train.precision), float32, bfloat16 or float16",
+    "device": "cuda (this rank's GPU; the CPU where there is none) or cpu",
+    "max_length": "context length in tokens, at most model.seq_length (the default)",
+    "max_gen_toks": "tokens generate_until produces at most (default 256)",
+    "trust_remote_code": "accepted and ignored (lm-eval adds it; this model runs no remote code)",
+}
 
 
 @dataclass
@@ -112,6 +136,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -tensor_parallel.vocab_parallel_cross_entropy(logits, targets)
 
 
+@register_model(MODEL_NAME)
 class MegatronDyTLM(TemplateLM):
     """lm-eval model over this rank's piece of a megatron-dyt model."""
 
@@ -123,6 +148,7 @@ class MegatronDyTLM(TemplateLM):
         max_length: int,
         batch_size: int | str = 8,
         max_gen_toks: int = 256,
+        max_batch_size: int = 256,
     ):
         super().__init__()
         self.forward = ParallelForward(module, info)
@@ -133,7 +159,90 @@ class MegatronDyTLM(TemplateLM):
         self._dp_group = ps.get_data_parallel_group()
         self._rank = ps.get_data_parallel_rank()
         self._world_size = ps.get_data_parallel_world_size()
-        self.batch_size = self._detect_batch_size() if batch_size == "auto" else int(batch_size)
+        self._model_info: dict[str, Any] = {}
+        self.batch_size = (
+            self._detect_batch_size(max_batch_size) if batch_size == "auto" else int(batch_size)
+        )
+
+    # ---- built by lm-eval from --model_args ---------------------------------------------------
+    @classmethod
+    def create_from_arg_string(
+        cls, arg_string: str, additional_config: dict | None = None
+    ) -> MegatronDyTLM:
+        """`pretrained=runs/demo,batch_size=8` (lm-eval's `simple_evaluate(model_args=str)`)."""
+        return cls.from_model_args(lm_utils.simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(
+        cls, arg_dict: dict[str, Any], additional_config: dict | None = None
+    ) -> MegatronDyTLM:
+        """The same as a dict (lm-eval's CLI parses `--model_args` into one)."""
+        return cls.from_model_args(dict(arg_dict), additional_config)
+
+    @classmethod
+    def from_model_args(
+        cls, args: dict[str, Any], additional_config: dict | None = None
+    ) -> MegatronDyTLM:
+        """Load the checkpoint `pretrained` names, at its layout, and wrap this rank's piece.
+
+        `additional_config` holds what lm-eval's own options give (`--batch_size`, `--device`,
+        `--max_batch_size`; its CLI always passes a batch size and a device): a key in
+        `--model_args` wins over it.
+        """
+        from megatron_dyt.inference.load import load_checkpoint
+
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        args = {**extra, **args}
+        overrides = {k: v for k, v in args.items() if "." in k}
+        _check_model_args([k for k in args if k not in overrides])
+        if not args.get("pretrained"):
+            raise EvalError(
+                f"model '{MODEL_NAME}' needs pretrained=RUN_DIR_OR_CHECKPOINT in --model_args"
+            )
+        batch_size = _batch_size(args.get("batch_size", 8))
+        max_batch = _positive(args.get("max_batch_size", 256), "max_batch_size")
+        max_gen = _positive(args.get("max_gen_toks", 256), "max_gen_toks")
+        loaded = load_checkpoint(
+            str(args["pretrained"]),
+            overrides=overrides,
+            dtype=None if args.get("dtype") is None else str(args["dtype"]),
+            device=None if args.get("device") is None else str(args["device"]),
+        )
+        seq = loaded.cfg.model.seq_length
+        max_length = _positive(args.get("max_length", seq), "max_length")
+        if max_length > seq:
+            raise EvalError(
+                f"max_length={max_length} is longer than the model's context"
+                f" (model.seq_length={seq}); allowed: 1 to {seq}"
+            )
+        lm = make_lm(
+            loaded.module,
+            loaded.cfg,
+            loaded.tokenizer,
+            loaded.device,
+            loaded.dtype,
+            batch_size,
+            max_length=max_length,
+            max_gen_toks=max_gen,
+            max_batch_size=max_batch,
+        )
+        par = loaded.cfg.parallel
+        lm._model_info = {
+            "checkpoint": str(loaded.folder),
+            "step": loaded.step,
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "layout": {"tensor": par.tensor, "pipeline": par.pipeline, "data": lm.world_size},
+        }
+        return lm
+
+    @property
+    def batch_sizes(self) -> dict[int, int]:
+        """The batch size in use, which lm-eval reports beside its own `--batch_size`."""
+        return {0: self.batch_size}
+
+    def get_model_info(self) -> dict[str, Any]:
+        """Where the weights came from, for lm-eval's results["config"]."""
+        return dict(self._model_info)
 
     # ---- lm-eval plumbing -----------------------------------------------------------------
     @property
@@ -278,15 +387,16 @@ class MegatronDyTLM(TemplateLM):
             text = text.split(stop)[0]
         return text
 
-    def _detect_batch_size(self) -> int:
-        """Largest power of two (≤ 256) that runs a full-length batch; CPU or pipelines: 16.
+    def _detect_batch_size(self, largest: int = 256) -> int:
+        """Largest power of two (≤ `largest`) that runs a full-length batch; CPU or pipelines:
+        16 (at most `largest`).
 
         (Under pipeline parallelism an out-of-memory on one stage would leave its peers waiting
         in send/recv, so the search is not attempted there.)
         """
         if self.info.device.type != "cuda" or self.forward.pipeline:
-            return 16
-        size = 256
+            return min(16, largest)
+        size = 1 << (largest.bit_length() - 1)
         while size > 1:
             try:
                 self.forward(torch.zeros(size, self.max_length, dtype=torch.long))
@@ -317,6 +427,39 @@ def stage_info(cfg, device: torch.device, dtype: torch.dtype) -> StageInfo:
     )
 
 
+def _check_model_args(keys: list[str]) -> None:
+    unknown = [k for k in keys if k not in MODEL_ARGS]
+    if unknown:
+        parts = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, list(MODEL_ARGS), n=1)
+            parts.append(f"'{key}'" + (f" (did you mean {close[0]}?)" if close else ""))
+        raise EvalError(
+            f"unknown --model_args key {', '.join(parts)} for model '{MODEL_NAME}'; allowed:"
+            f" {', '.join(MODEL_ARGS)}, and config overrides with dotted keys"
+            " (e.g. parallel.tensor=1)"
+        )
+
+
+def _positive(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise EvalError(f"{key}={value!r}: expected a positive whole number")
+    return value
+
+
+def _batch_size(value: Any) -> int | str:
+    if value == "auto" or (isinstance(value, str) and value.startswith("auto:")):
+        return "auto"  # lm-eval's auto:N re-detects N times; one detection serves here
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    try:
+        return _positive(value, "batch_size")
+    except EvalError:
+        raise EvalError(
+            f"batch_size={value!r}: expected a positive whole number or 'auto'"
+        ) from None
+
+
 def make_lm(
     module: nn.Module,
     cfg,
@@ -324,7 +467,19 @@ def make_lm(
     device: torch.device,
     dtype: torch.dtype,
     batch_size: int | str,
+    *,
+    max_length: int | None = None,
+    max_gen_toks: int = 256,
+    max_batch_size: int = 256,
 ) -> MegatronDyTLM:
     """The adapter for this rank's module (a `LlamaModel`, a stage, or a DeepSpeed PipelineModule)."""
     info = stage_info(cfg, device, dtype)
-    return MegatronDyTLM(module, info, tokenizer, cfg.model.seq_length, batch_size=batch_size)
+    return MegatronDyTLM(
+        module,
+        info,
+        tokenizer,
+        max_length or cfg.model.seq_length,
+        batch_size=batch_size,
+        max_gen_toks=max_gen_toks,
+        max_batch_size=max_batch_size,
+    )

@@ -35,10 +35,19 @@ def offline_task_dir() -> Path:
     return out
 
 
-def task_manager():
+def task_manager(include_path: str | Path | None = None):
+    """lm-eval's tasks, the bundled ones, and those of `include_path` (a folder of task YAML)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(offline_task_dir()))
+    paths = [str(offline_task_dir())]
+    if include_path is not None:
+        folder = Path(include_path)
+        if not folder.is_dir():
+            raise EvalError(
+                f"include path '{folder}' is not a folder; give a folder of lm-eval task YAML files"
+            )
+        paths.append(str(folder))
+    return TaskManager(include_path=paths)
 
 
 def check_datasets(names: list[str], manager) -> None:
@@ -94,8 +103,13 @@ def evaluate(
     limit: int | None = None,
     manager=None,
     bootstrap_iters: int = 1000,
+    num_fewshot: int | None = None,
+    log_samples: bool = False,
 ) -> dict | None:
-    """lm-eval's `simple_evaluate` on our adapter; the results dict on global rank 0."""
+    """lm-eval's `simple_evaluate` on our adapter; the results dict on global rank 0.
+
+    `num_fewshot` None keeps each task's own setting (0 for the bundled tasks); with
+    `log_samples` the results hold lm-eval's per-document records under "samples"."""
     import lm_eval
 
     manager = manager or task_manager()
@@ -104,8 +118,9 @@ def evaluate(
         tasks=tasks,
         task_manager=manager,
         limit=limit,
+        num_fewshot=num_fewshot,
         bootstrap_iters=bootstrap_iters,
-        log_samples=False,
+        log_samples=log_samples,
     )
     return results if dist.get_rank() == 0 else None
 
@@ -118,40 +133,59 @@ def evaluate_checkpoint(
     batch_size: int | str = 8,
     limit: int | None = None,
     out_dir: str | Path | None = None,
+    num_fewshot: int | None = None,
+    include_path: str | Path | None = None,
+    log_samples: bool = False,
 ) -> EvalOutput:
-    """Load a training checkpoint at its layout (or TP=PP=1 in one process) and evaluate it."""
+    """Load a training checkpoint at its layout (or TP=PP=1 in one process) and evaluate it.
+
+    Writes results.json, summary.json, results.md and, with `log_samples`, one
+    samples_<task>.jsonl per task (lm-eval's per-document records: arguments, responses,
+    metrics)."""
     from megatron_dyt import checkpoint as ckpt
     from megatron_dyt.eval.adapter import make_lm
-    from megatron_dyt.inference.load import inference_config, load_module
+    from megatron_dyt.inference.load import load_checkpoint
 
-    folder, saved, cfg = inference_config(checkpoint, overrides)
+    if num_fewshot is not None and num_fewshot < 0:
+        raise EvalError(f"--num-fewshot {num_fewshot}: expected a whole number >= 0")
+    folder = ckpt.resolve(checkpoint)
     out = Path(out_dir) if out_dir else folder.parent.parent / "eval" / folder.name
     if out.exists() and not out.is_dir():  # found now, not after the evaluation
         raise EvalError(f"--out '{out}' is a file; give a folder for the results")
-
-    manager = task_manager()
+    manager = task_manager(include_path)
     check_task_names(tasks, sorted(manager.all_tasks))
     check_datasets(tasks, manager)
 
-    loaded = load_module(folder, saved, cfg)
-    module, device, dtype = loaded.module, loaded.device, loaded.dtype
-    tokenizer = ckpt.read_tokenizer(folder)
-    lm = make_lm(module, cfg, tokenizer, device, dtype, batch_size)
-    results = evaluate(lm, tasks, limit=limit, manager=manager)
+    loaded = load_checkpoint(folder, overrides=overrides)
+    cfg = loaded.cfg
+    lm = make_lm(loaded.module, cfg, loaded.tokenizer, loaded.device, loaded.dtype, batch_size)
+    results = evaluate(
+        lm,
+        tasks,
+        limit=limit,
+        manager=manager,
+        num_fewshot=num_fewshot,
+        log_samples=log_samples,
+    )
     if results is None:
         return EvalOutput(None, None, None, None)
 
+    samples = results.pop("samples", None)
     summary = summarize(results["results"], tasks)
-    title = f"{cfg.model.name} @ step {ckpt.read_complete(folder)['step']}"
+    shots = "" if not num_fewshot else f", {num_fewshot}-shot"
+    title = f"{cfg.model.name} @ step {loaded.step}{shots}"
     table = markdown_table(summary, title)
     out.mkdir(parents=True, exist_ok=True)
     from lm_eval.utils import handle_non_serializable
 
     from megatron_dyt.fileio import atomic_write
 
-    atomic_write(
-        out / "results.json", json.dumps(results, indent=2, default=handle_non_serializable) + "\n"
-    )
+    def dump(value, **kwargs) -> str:
+        return json.dumps(value, default=handle_non_serializable, ensure_ascii=False, **kwargs)
+
+    atomic_write(out / "results.json", dump(results, indent=2) + "\n")
     atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     atomic_write(out / "results.md", table)
+    for task, records in (samples or {}).items():
+        atomic_write(out / f"samples_{task}.jsonl", "".join(dump(r) + "\n" for r in records))
     return EvalOutput(results, summary, table, out)

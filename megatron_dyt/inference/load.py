@@ -1,12 +1,15 @@
 """A checkpoint as this rank's module: at the saved TP/PP layout under torchrun, each rank
 reading its own shard, or TP=PP=1 in one process from the merged weights (any saved layout,
-ZeRO-3 and universal checkpoints included). Evaluation and generation both load this way."""
+ZeRO-3 and universal checkpoints included). `megatron-dyt eval`, the lm-eval model and
+generation all load this way, so they run the same weights at the same layout and dtype."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,9 +27,42 @@ class Loaded:
     device: torch.device
     dtype: torch.dtype
 
+    @property
+    def tokenizer(self):
+        """The tokenizer saved with the checkpoint (a clear error when it holds none)."""
+        from megatron_dyt.checkpoint import read_tokenizer
+
+        return read_tokenizer(self.folder)
+
+    @property
+    def step(self) -> int | None:
+        from megatron_dyt.checkpoint import read_complete
+
+        return read_complete(self.folder).get("step")
+
+
+def load_checkpoint(
+    checkpoint: str | Path,
+    *,
+    overrides: Iterable[str] | Mapping[str, Any] = (),
+    dtype: str | None = None,
+    device: str | None = None,
+) -> Loaded:
+    """`inference_config` then `load_module`: this rank's piece of `checkpoint`, at its saved
+    layout when the job has a multiple of its TP × PP processes, else TP=PP=1 in one process;
+    `overrides` (config keys, e.g. `parallel.tensor=1`) choose another layout."""
+    _check_device(device)  # before anything is read
+    folder, saved, cfg = inference_config(checkpoint, overrides)
+    return load_module(folder, saved, cfg, dtype=dtype, device=device)
+
+
+def _check_device(device: str | None) -> None:
+    if device is not None and device != "cpu" and not str(device).startswith("cuda"):
+        raise UsageError(f"device {device!r} is not allowed; allowed: cuda, cpu")
+
 
 def inference_config(
-    checkpoint: str | Path, overrides: list[str] | tuple[str, ...] = ()
+    checkpoint: str | Path, overrides: Iterable[str] | Mapping[str, Any] = ()
 ) -> tuple[Path, Config, Config]:
     """(step folder, saved config, config to build with): the saved layout when the job has a
     multiple of TP×PP processes, TP=PP=1 for one process; no ZeRO, no sequence parallelism."""
@@ -47,7 +83,7 @@ def inference_config(
     if world == 1:
         layout.update(tensor=1, pipeline=1)
     layout.update(zero_stage=0, sequence_parallel=False)
-    apply_overrides(tree, list(overrides))
+    apply_overrides(tree, overrides if isinstance(overrides, Mapping) else list(overrides))
     cfg = config_from_dict(tree, f"{folder / 'config.yaml'} + overrides", saved=True)
     return folder, saved, cfg
 
@@ -66,14 +102,46 @@ def at_saved_layout(folder: Path, saved: Config, cfg: Config) -> bool:
     )
 
 
-def load_module(folder: Path, saved: Config, cfg: Config) -> Loaded:
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(name: str | None, cfg: Config) -> torch.dtype:
+    """`None`/`auto`: the checkpoint's training precision (`train.precision`); else a name of
+    `DTYPES`."""
+    from megatron_dyt.layout import precision
+
+    if name is None or name == "auto":
+        return precision(cfg)
+    if name not in DTYPES:
+        raise UsageError(f"dtype {name!r} is not allowed; allowed: auto, {', '.join(DTYPES)}")
+    dtype = DTYPES[name]
+    if dtype == torch.float16 and not torch.cuda.is_available():
+        raise UsageError("dtype float16 needs a GPU; on CPU use float32 or bfloat16")
+    return dtype
+
+
+def load_module(
+    folder: Path,
+    saved: Config,
+    cfg: Config,
+    dtype: str | None = None,
+    device: str | None = None,
+) -> Loaded:
     """Set up the process groups for `cfg` and build this rank's module with the weights of
-    `folder`; a rank never holds more than its shard when the layouts match."""
+    `folder`; a rank never holds more than its shard when the layouts match. `dtype`:
+    `resolve_dtype`'s; `device`: `cpu`, or `cuda` (this rank's GPU) falling back to the CPU
+    where there is none (default)."""
     from megatron.core import parallel_state as ps
 
     from megatron_dyt import checkpoint as ckpt
     from megatron_dyt import parallel
-    from megatron_dyt.layout import precision
     from megatron_dyt.model import (
         LlamaModel,
         load_full_state_dict,
@@ -81,13 +149,11 @@ def load_module(folder: Path, saved: Config, cfg: Config) -> Loaded:
         stage_module,
     )
 
-    parallel.setup(cfg.parallel)
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
-    dtype = precision(cfg)
+    _check_device(device)
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    parallel.setup(cfg.parallel, backend=None if use_cuda else "gloo")
+    where = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    torch_dtype = resolve_dtype(dtype, cfg)
     stage = ps.get_pipeline_model_parallel_rank()
     module = LlamaModel(cfg) if cfg.parallel.pipeline == 1 else stage_module(cfg, stage)
     if at_saved_layout(folder, saved, cfg):
@@ -98,5 +164,5 @@ def load_module(folder: Path, saved: Config, cfg: Config) -> Loaded:
         full = ckpt.read_full_state_dict(folder, saved, vocab_rows=cfg.padded_vocab_size)
         load_full_state_dict(module, full)
         del full
-    module = module.to(device=device, dtype=dtype).eval()
-    return Loaded(folder, cfg, module, device, dtype)
+    module = module.to(device=where, dtype=torch_dtype).eval()
+    return Loaded(folder, cfg, module, where, torch_dtype)

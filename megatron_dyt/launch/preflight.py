@@ -9,6 +9,8 @@ after USR1. The layout (TP × PP × DP against nodes × processes) is `launch/la
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from pathlib import Path
 
@@ -20,6 +22,40 @@ _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
 class PreflightError(MegatronDyTError, ValueError):
     """A job that would fail: every problem found, one per line; nothing was queued."""
+
+
+DEFAULT_SIGNAL_SECONDS = 300
+SIGNAL_MARGIN_SECONDS = 60  # signal delivery, the step's all-reduce, writing `latest`
+
+
+def signal_lead(run_dir: Path, cfg: Config) -> tuple[int, str]:
+    """How long before the time limit USR1 should come: the longest save this run has
+    measured (its metrics.jsonl checkpoint events) plus its longest recent step plus a margin,
+    so the step in flight and the save both finish; `DEFAULT_SIGNAL_SECONDS` for a new run."""
+    saves, steps = [], []
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        if record.get("event") == "checkpoint" and isinstance(record.get("seconds"), float):
+            saves.append(record["seconds"])
+        elif isinstance(record.get("tokens_per_s"), float) and record["tokens_per_s"] > 0:
+            steps.append(cfg.train.global_batch_tokens / record["tokens_per_s"])
+    if not saves:
+        return DEFAULT_SIGNAL_SECONDS, "the default: no save measured in this run folder yet"
+    save, step = max(saves), max(steps[-100:], default=0.0)
+    lead = math.ceil(save + step) + SIGNAL_MARGIN_SECONDS
+    return lead, (
+        f"the longest save measured in this run ({save:.1f} s) + its longest recent step"
+        f" ({step:.1f} s) + {SIGNAL_MARGIN_SECONDS} s"
+    )
 
 
 def time_limit_seconds(text: str) -> int:
@@ -90,8 +126,6 @@ def check(
 ) -> list[str]:
     """Every problem of a job of `cfg` on `gpus` processes (empty: it would start training);
     the memory check only when they run on GPUs."""
-    from megatron_dyt.launch.slurm import signal_lead
-
     if signal_seconds is None:
         signal_seconds = signal_lead(run_dir or Path("/nonexistent"), cfg)[0]
     return [

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import shlex
 import shutil
 import subprocess
@@ -22,7 +21,9 @@ from pathlib import Path
 
 from megatron_dyt.config import Config
 from megatron_dyt.errors import MegatronDyTError
+from megatron_dyt.launch import preflight
 from megatron_dyt.launch.layout import JobLayout, job_layout
+from megatron_dyt.launch.preflight import signal_lead
 
 
 @dataclass
@@ -104,40 +105,6 @@ def _sbatch_options(opts: SlurmOptions) -> str:
             lines.append(f"--{name}={value}")
     lines += opts.extra
     return "".join(f"#SBATCH {line}\n" for line in lines)
-
-
-DEFAULT_SIGNAL_SECONDS = 300
-SIGNAL_MARGIN_SECONDS = 60  # signal delivery, the step's all-reduce, writing `latest`
-
-
-def signal_lead(run_dir: Path, cfg: Config) -> tuple[int, str]:
-    """How long before the time limit USR1 should come: the longest save this run has
-    measured (its metrics.jsonl checkpoint events) plus its longest recent step plus a margin,
-    so the step in flight and the save both finish; `DEFAULT_SIGNAL_SECONDS` for a new run."""
-    saves, steps = [], []
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except (OSError, UnicodeDecodeError):
-        lines = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(record, dict):
-            continue
-        if record.get("event") == "checkpoint" and isinstance(record.get("seconds"), float):
-            saves.append(record["seconds"])
-        elif isinstance(record.get("tokens_per_s"), float) and record["tokens_per_s"] > 0:
-            steps.append(cfg.train.global_batch_tokens / record["tokens_per_s"])
-    if not saves:
-        return DEFAULT_SIGNAL_SECONDS, "the default: no save measured in this run folder yet"
-    save, step = max(saves), max(steps[-100:], default=0.0)
-    lead = math.ceil(save + step) + SIGNAL_MARGIN_SECONDS
-    return lead, (
-        f"the longest save measured in this run ({save:.1f} s) + its longest recent step"
-        f" ({step:.1f} s) + {SIGNAL_MARGIN_SECONDS} s"
-    )
 
 
 def _env_lines(pairs: list[str]) -> str:
@@ -278,8 +245,6 @@ def launch(
 ) -> str | None:
     """Render, check (`preflight`), then print (dry run: problems as notes) or submit;
     submission records what was sent."""
-    from megatron_dyt.launch import preflight
-
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
     script, layout = render(cfg, run_dir, opts, stamp=stamp)
     problems = []
