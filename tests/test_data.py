@@ -276,6 +276,112 @@ def test_truncated_bin_file_is_one_clear_error(tokenizer, tmp_path):
         build_datasets(cfg, tokenizer, 10, 1)
 
 
+# ---- corpus formats ---------------------------------------------------------------------------
+
+
+def _write_format(root: Path, kind: str, docs: list[str]) -> Path:
+    """The same documents as `kind`: jsonl(.gz/.zst), parquet, or a saved HF dataset."""
+    lines = "".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(docs))
+    if kind == "jsonl.gz":
+        import gzip
+
+        path = root / "docs.jsonl.gz"
+        path.write_bytes(gzip.compress(lines.encode()))
+    elif kind == "jsonl.zst":
+        import zstandard
+
+        path = root / "docs.jsonl.zst"
+        path.write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    elif kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = root / "docs.parquet"
+        table = pa.table({"id": list(range(len(docs))), "text": docs})
+        pq.write_table(table, path, row_group_size=7)  # several row groups
+    elif kind in ("hf-dataset", "hf-datasetdict"):
+        from datasets import Dataset, DatasetDict
+
+        path = root / kind
+        data = Dataset.from_dict({"id": list(range(len(docs))), "text": docs})
+        (DatasetDict({"train": data}) if kind == "hf-datasetdict" else data).save_to_disk(path)
+    else:
+        path = root / "docs.jsonl"
+        path.write_text(lines)
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind", ["jsonl.gz", "jsonl.zst", "parquet", "hf-dataset", "hf-datasetdict"]
+)
+def test_every_corpus_format_gives_the_bytes_of_plain_jsonl(tokenizer, text_dir, tmp_path, kind):
+    """Compressed JSONL, parquet and datasets saved to disk are read document for document as
+    the plain JSONL: the same .bin/.idx bytes, and the documents decode back exactly."""
+    docs = [text for _, text in stdlib_documents(budget_bytes=60_000)][:40]
+    docs += ["", "  leading and trailing  ", "tabs\tand\nnewlines\n", "é 中文 🙂"]
+    plain = preprocess([_write_format(tmp_path, "jsonl", docs)], tokenizer, tmp_path / "plain",
+                       progress=False)  # fmt: skip
+    source = _write_format(tmp_path, kind, docs)
+    got = preprocess([source], tokenizer, tmp_path / "got", workers=2, progress=False)
+    assert (got.documents, got.tokens) == (plain.documents, plain.tokens)
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"got{suffix}").read_bytes() == (
+            tmp_path / f"plain{suffix}"
+        ).read_bytes()
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    data = IndexedDataset(str(tmp_path / "got"))
+    kept = [d for d in docs if tokenizer.encode(d)]  # an empty document has no tokens
+    for i, doc in enumerate(kept):
+        ids = data[i].tolist()
+        assert ids[-1] == tokenizer.eod and tokenizer.decode(ids[:-1]) == doc
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("no-column", "has no column 'text' (its columns: id, body); choose one with --text-key"),
+        ("cut-gz", "is not a readable jsonl.gz file"),
+        ("cut-zst", "is not a readable jsonl.zst file"),
+        ("no-train", "is a DatasetDict without a 'train' split (its splits: validation)"),
+        ("null-row", "row 2: 'text' is null, not a string"),
+        ("folder", "unsupported folder (use .jsonl/.ndjson"),
+    ],
+)
+def test_damaged_corpus_inputs_name_the_file(tokenizer, tmp_path, case, message):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+    from datasets import Dataset, DatasetDict
+
+    lines = "".join(json.dumps({"text": f"document {i} " * 50}) + "\n" for i in range(50))
+    if case == "no-column":
+        path = tmp_path / "d.parquet"
+        pq.write_table(pa.table({"id": [1], "body": ["x"]}), path)
+    elif case == "cut-gz":
+        path = tmp_path / "d.jsonl.gz"
+        path.write_bytes(gzip.compress(lines.encode())[:-20])
+    elif case == "cut-zst":
+        path = tmp_path / "d.jsonl.zst"
+        data = zstandard.ZstdCompressor().compress(lines.encode())
+        path.write_bytes(data[: len(data) // 2])
+    elif case == "no-train":
+        path = tmp_path / "dd"
+        DatasetDict({"validation": Dataset.from_dict({"text": ["x"]})}).save_to_disk(path)
+    elif case == "null-row":
+        path = tmp_path / "d.parquet"
+        pq.write_table(pa.table({"text": ["a", None, "b"]}), path)
+    else:
+        path = tmp_path / "plain-folder"
+        path.mkdir()
+    with pytest.raises(DataError) as exc:
+        preprocess([path], tokenizer, tmp_path / "out", progress=False)
+    assert str(path) in str(exc.value) and message in str(exc.value)
+    assert not list(tmp_path.glob("out*"))
+
+
 # ---- demo corpus ------------------------------------------------------------------------------
 
 DEMO_VOCAB = 512

@@ -21,8 +21,10 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
         "data",
         help="train a tokenizer, tokenize a corpus, build the demo corpus",
         description="Prepare training data: tokenizers (sentencepiece or byte-level BPE) and"
-        " megatron-core indexed datasets (<prefix>.bin/.idx). Inputs are .jsonl (one JSON object"
-        " per line, text under --text-key) or .txt/.md (the whole file is one document).",
+        " megatron-core indexed datasets (<prefix>.bin/.idx). Inputs are .jsonl, also .jsonl.gz and"
+        " .jsonl.zst (one JSON object per line, text under --text-key), .txt/.md (the whole file is"
+        " one document), .parquet and folders saved by Hugging Face datasets (one document per"
+        " row of --text-key).",
     )
     sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
 

@@ -2,9 +2,14 @@
 
 Inputs, by file suffix:
 
-* `.jsonl` / `.ndjson`: one JSON object per line with the document text under `text_key`; blank
-  lines are ignored.
+* `.jsonl` / `.ndjson`, also compressed as `.jsonl.gz` / `.jsonl.zst` (GPT-NeoX's and the
+  Pile's format): one JSON object per line with the document text under `text_key`; blank lines
+  are ignored.
 * `.txt` / `.text` / `.md`: the whole file is one document, byte for byte (newlines included).
+* `.parquet`: one document per row, the string column `text_key`.
+* a folder written by Hugging Face `datasets`' `save_to_disk` (a `Dataset`, or a `DatasetDict`
+  whose `train` split is read): one document per row of `text_key`, read from disk, never the
+  network.
 
 Every document becomes one sequence followed by the end-of-document token, so the pretraining
 stream is `doc₁ EOD doc₂ EOD …`. Bad input stops the run with a `DataError` naming the file and
@@ -32,7 +37,39 @@ if TYPE_CHECKING:
     from megatron_dyt.data.tokenizer import Tokenizer
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+COMPRESSED = (".gz", ".zst")
 TEXT_SUFFIXES = (".txt", ".text", ".md")
+PARQUET_SUFFIXES = (".parquet",)
+ACCEPTED_INPUTS = (
+    ".jsonl/.ndjson (also .gz or .zst compressed) with one JSON object per line, .txt/.md where"
+    " the whole file is one document, .parquet, or a folder saved by Hugging Face datasets'"
+    " save_to_disk"
+)
+_PARQUET_BATCH = 1024
+
+
+def input_kind(path: Path) -> str | None:
+    """`jsonl`, `jsonl.gz`, `jsonl.zst`, `text`, `parquet` or `hf-dataset` (a folder written by
+    `save_to_disk`); None for anything else."""
+    if path.is_dir():
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+            return "hf-dataset"
+        return None
+    suffixes = [x.lower() for x in path.suffixes[-2:]]
+    if suffixes and suffixes[-1] in COMPRESSED:
+        if len(suffixes) == 2 and suffixes[0] in JSONL_SUFFIXES:
+            return "jsonl" + suffixes[-1]
+        return None
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        return "jsonl"
+    if suffix in TEXT_SUFFIXES:
+        return "text"
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet"
+    return None
+
+
 # Documents handed to the worker pool at a time: bounds memory on corpora of any size.
 _WINDOW_DOCS = 2048
 _WINDOW_CHARS = 32 * 1024 * 1024
@@ -66,27 +103,36 @@ class DocumentReader:
         self.bytes_read = 0
         if not self.paths:
             raise DataError("no input files given")
+        self.kinds = []
         for path in self.paths:
             if not path.exists():
                 raise DataError(f"input file '{path}' does not exist")
-            if not path.is_file():
-                raise DataError(f"input '{path}' is not a file")
-            if path.suffix.lower() not in JSONL_SUFFIXES + TEXT_SUFFIXES:
-                raise DataError(
-                    f"input '{path}': unsupported file type '{path.suffix}' (use .jsonl with one"
-                    " JSON object per line, or .txt/.md where the whole file is one document)"
-                )
+            kind = input_kind(path)
+            if kind is None:
+                what = "folder" if path.is_dir() else f"file type '{''.join(path.suffixes[-2:])}'"
+                raise DataError(f"input '{path}': unsupported {what} (use {ACCEPTED_INPUTS})")
+            self.kinds.append(kind)
+
+    @staticmethod
+    def _size(path: Path) -> int:
+        if path.is_dir():
+            return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        return path.stat().st_size
 
     @property
     def total_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.paths)
+        return sum(self._size(p) for p in self.paths)
 
     def __iter__(self) -> Iterator[str]:
-        for path in self.paths:
-            if path.suffix.lower() in JSONL_SUFFIXES:
-                yield from self._read_jsonl(path)
-            else:
+        for path, kind in zip(self.paths, self.kinds, strict=True):
+            if kind.startswith("jsonl"):
+                yield from self._read_jsonl(path, kind)
+            elif kind == "text":
                 yield from self._read_text(path)
+            elif kind == "parquet":
+                yield from self._read_parquet(path)
+            else:
+                yield from self._read_hf_dataset(path)
 
     def _bad(self, where: str, problem: str, fix: str, unit: str = "lines") -> None:
         if not self.skip_bad:
@@ -105,17 +151,123 @@ class DocumentReader:
             return
         yield text
 
-    def _read_jsonl(self, path: Path) -> Iterator[str]:
-        with path.open("rb") as stream:
-            for number, raw in enumerate(stream, start=1):
-                self.bytes_read += len(raw)
-                try:
-                    text = _parse_line(raw, self.text_key)
-                except _BadLine as bad:
-                    self._bad(f"{path} line {number}", bad.problem, bad.fix)
-                    continue
-                if text is not None:
-                    yield text
+    def _read_jsonl(self, path: Path, kind: str) -> Iterator[str]:
+        """Lines of a plain, gzip or zstandard file; progress counts the bytes on disk."""
+        with path.open("rb") as raw_file:
+            stream = _decompressed(raw_file, kind)
+            start = self.bytes_read
+            try:
+                for number, raw in enumerate(stream, start=1):
+                    self.bytes_read = start + raw_file.tell()  # on-disk (compressed) bytes
+                    try:
+                        text = _parse_line(raw, self.text_key)
+                    except _BadLine as bad:
+                        self._bad(f"{path} line {number}", bad.problem, bad.fix)
+                        continue
+                    if text is not None:
+                        yield text
+            except (OSError, EOFError, ValueError) as exc:  # a damaged or cut-off archive
+                if isinstance(exc, DataError):
+                    raise
+                raise DataError(
+                    f"input '{path}' is not a readable {kind} file ({exc}); it is damaged or"
+                    " cut short"
+                ) from None
+            self.bytes_read = start + self._size(path)
+
+    def _rows(self, path: Path, texts: Iterable[object], size: int, rows: int) -> Iterator[str]:
+        """The documents of a table's text column; a non-string cell is a bad row."""
+        start = self.bytes_read
+        for number, text in enumerate(texts, start=1):
+            if rows:
+                self.bytes_read = start + size * number // rows
+            if text is None or not isinstance(text, str):
+                problem = f"{self.text_key!r} is {_json_type(text)}, not a string"
+                self._bad(f"{path} row {number}", problem, "fix the row", unit="rows")
+                continue
+            yield text
+        self.bytes_read = start + size
+
+    def _read_parquet(self, path: Path) -> Iterator[str]:
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.ParquetFile(path)
+        except Exception as exc:  # pyarrow raises its own ArrowInvalid for a damaged file
+            raise DataError(f"input '{path}' is not a readable parquet file ({exc})") from None
+        columns = table.schema_arrow.names
+        if self.text_key not in columns:
+            raise DataError(
+                f"input '{path}' has no column {self.text_key!r} (its columns:"
+                f" {', '.join(columns)}); choose one with --text-key"
+            )
+
+        def texts() -> Iterator[object]:
+            for batch in table.iter_batches(batch_size=_PARQUET_BATCH, columns=[self.text_key]):
+                yield from batch.column(0).to_pylist()
+
+        yield from self._rows(path, texts(), self._size(path), table.metadata.num_rows)
+
+    def _read_hf_dataset(self, path: Path) -> Iterator[str]:
+        from datasets import DatasetDict, load_from_disk
+
+        try:
+            data = load_from_disk(str(path))
+        except Exception as exc:  # datasets raises several types for a damaged folder
+            raise DataError(f"input '{path}' is not a readable saved dataset ({exc})") from None
+        if isinstance(data, DatasetDict):
+            if "train" not in data:
+                raise DataError(
+                    f"input '{path}' is a DatasetDict without a 'train' split (its splits:"
+                    f" {', '.join(data)}); save the split to read with save_to_disk"
+                )
+            data = data["train"]
+        if self.text_key not in data.column_names:
+            raise DataError(
+                f"input '{path}' has no column {self.text_key!r} (its columns:"
+                f" {', '.join(data.column_names)}); choose one with --text-key"
+            )
+
+        def texts() -> Iterator[object]:
+            for batch in data.select_columns([self.text_key]).iter(batch_size=_PARQUET_BATCH):
+                yield from batch[self.text_key]
+
+        yield from self._rows(path, texts(), self._size(path), len(data))
+
+
+def _decompressed(raw_file, kind: str):
+    """A line iterator over `raw_file`'s bytes, decompressed as its kind says."""
+    if kind == "jsonl.gz":
+        import gzip
+
+        return gzip.GzipFile(fileobj=raw_file)
+    if kind == "jsonl.zst":
+        return _zstd_lines(raw_file)
+    return raw_file
+
+
+def _zstd_lines(raw_file, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The lines of a zstandard file of one or more frames; a file that ends inside a frame
+    raises (zstandard's stream reader would just stop, dropping the documents lost)."""
+    import zstandard
+
+    decompressor = zstandard.ZstdDecompressor()
+    frame, pending, ended = decompressor.decompressobj(), b"", True
+    while data := raw_file.read(chunk):
+        while data:
+            out = frame.decompress(data)
+            ended = frame.eof
+            data = frame.unused_data if ended else b""
+            if ended:
+                frame = decompressor.decompressobj()
+            pending += out
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                yield line + b"\n"
+    if not ended:
+        raise EOFError("the file ends inside a zstandard frame")
+    if pending:
+        yield pending
 
 
 class _BadLine(Exception):
