@@ -335,7 +335,7 @@ def test_divergence_is_read_from_the_trainers_status_json(
     monkeypatch.setattr(
         runner,
         "train_command",
-        lambda config, folder, nproc=1: (
+        lambda config, folder, nproc=1, nodes=1: (
             [sys.executable, "-c", _FAKE_TRAIN, str(folder)] + [trainer or "", line]
         ),
     )
