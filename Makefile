@@ -14,7 +14,7 @@ LOCK   := constraints.txt
 # Without TORCH_SPEC the machine's own torch build is kept: its line is left out of the lock.
 LOCK_USED := $(if $(TORCH_SPEC),$(LOCK),$(VENV)/constraints-no-torch.txt)
 
-.PHONY: install demo sweep-demo test test-fast lint lock clean
+.PHONY: install demo sweep-demo study-cpu test test-fast lint lock clean
 
 $(STAMP): pyproject.toml $(LOCK) megatron_dyt/__init__.py  # (the version lives there)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ demo: install
 sweep-demo: install
 	$(VENV)/bin/megatron-dyt sweep run configs/sweeps/tiny.yaml --out runs/sweep-demo --parallel 2
 	$(VENV)/bin/megatron-dyt sweep report runs/sweep-demo
+
+# The α₀ and norm study scaled down for CPUs (configs/studies/alpha-width-cpu.yaml: 18 runs of
+# 16 steps, two at a time) into runs/study-cpu, then its report (about 2-3 minutes on 2 cores).
+study-cpu: install
+	$(VENV)/bin/megatron-dyt sweep run configs/studies/alpha-width-cpu.yaml --out runs/study-cpu --parallel 2
+	$(VENV)/bin/megatron-dyt sweep report runs/study-cpu
 
 # Every tier (what CI runs).
 test: install

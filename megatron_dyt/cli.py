@@ -1,5 +1,5 @@
-"""The `megatron-dyt` command: info, config, train, eval, lm-eval, generate, data, launch, convert,
-sweep."""
+"""The `megatron-dyt` command: info, config, train, eval, lm-eval, generate, report, data, launch,
+convert, sweep."""
 
 from __future__ import annotations
 
@@ -138,6 +138,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"results: {out.out_dir / 'results.json'}")
         if args.log_samples:
             print(f"samples: {out.out_dir / 'samples_<task>.jsonl'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from megatron_dyt.sweep.diagnose import diagnose, markdown, write_diagnosis
+
+    d = diagnose(args.run_dir, threshold=args.threshold, std_growth=args.std_growth)
+    out = Path(args.out) if args.out else Path(args.run_dir) / "report"
+    written = write_diagnosis(d, out)
+    print(json.dumps(d.to_dict(), indent=1) if args.json else markdown(d), end="")
+    print(f"wrote {', '.join(p.name for p in written)} in {out}", file=sys.stderr)
     return 0
 
 
@@ -359,6 +370,32 @@ def build_parser() -> argparse.ArgumentParser:
         description="Everything after `lm-eval` goes to lm-eval's CLI (`lm_eval --help`);"
         " --model defaults to megatron-dyt, e.g. --model_args pretrained=runs/demo,batch_size=8.",
     )
+    rep = sub.add_parser(
+        "report",
+        help="one run's norm statistics over training (α, input std, saturation per layer)",
+        description="Read RUN/metrics.jsonl and RUN/status.json: how the run ended and, per"
+        " norm layer and site (attention, mlp, final), α, the input std and the saturated"
+        " fraction |α·x| > 2 over training; flags layers whose saturation grows past"
+        " --threshold or whose input std blows up. Writes diagnosis.md, diagnosis.json and"
+        " norm_stats.png. A sweep's report: `megatron-dyt sweep report`.",
+    )
+    rep.add_argument("run_dir", metavar="RUN", help="a run folder of `megatron-dyt train`")
+    rep.add_argument(
+        "--threshold",
+        type=fraction,
+        default=0.1,
+        help="saturated fraction above which a layer whose saturation grew is flagged"
+        " (default 0.1)",
+    )
+    rep.add_argument(
+        "--std-growth",
+        type=positive_float,
+        default=10.0,
+        help="flag a layer whose input std grew by this factor or more (default 10)",
+    )
+    rep.add_argument("--out", help="folder for the files (default: RUN/report)")
+    rep.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    rep.set_defaults(func=cmd_report)
 
     from megatron_dyt.convert.cli import add_convert_parser
     from megatron_dyt.data.cli import add_data_commands

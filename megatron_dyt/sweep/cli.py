@@ -145,7 +145,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     """`sweep report`: the report files of a sweep folder, and a summary on stdout."""
     # Imported here: numpy, scipy and (for figures) matplotlib only when a report is made.
     from megatron_dyt.sweep.report import write_report
+    from megatron_dyt.sweep.study import is_study, write_study_report
 
+    if is_study(args.sweep_dir):  # a spec with parts: the study's questions (study.py)
+        study = write_study_report(args.sweep_dir, args.out, metric=args.metric)
+        print(study.summary)
+        print(
+            f"wrote {study.markdown.name}, {study.json.name}, {study.csv.name} and"
+            f" {len(study.figures)} figure(s) in {study.folder}"
+        )
+        return 0
     out = write_report(args.sweep_dir, args.out, metric=args.metric)
     print(out.summary)
     print(f"wrote {out.csv}, {out.markdown} and {len(out.figures)} figure(s) in {out.folder}")
@@ -237,7 +246,8 @@ def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
 
     rep = sub.add_parser(
         "report",
-        help="CSV, Markdown, heat-maps and the α₀-vs-width fit of a sweep",
+        help="CSV, Markdown, heat-maps and the α₀-vs-width fit of a sweep (a study: its"
+        " questions; one run: `megatron-dyt report RUN`)",
     )
     rep.add_argument("sweep_dir", metavar="SWEEP_DIR")
     rep.add_argument("--out", help="report folder (default: SWEEP_DIR/report)")

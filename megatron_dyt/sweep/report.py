@@ -62,6 +62,12 @@ class RunRow:
     alpha_final: float
     seed: int
     group: tuple[tuple[str, Any], ...]
+    kind: str = "dyt"
+    squash: str = "tanh"
+    part: str | None = None  # a study's part (spec.py `parts`)
+    train_steps: int | None = None
+    tokens_per_step: int | None = None
+    seconds: float | None = None
     step: int | None = None
     final_train: float | None = None
     final_valid: float | None = None
@@ -105,11 +111,15 @@ def read_metrics(path: Path) -> dict[str, Any]:
 
 def _group_axes(sweep_dir: Path) -> list[str]:
     spec = yaml.safe_load((sweep_dir / "sweep.yaml").read_text()) or {}
-    return [
+    grids = [spec.get("grid") or {}]
+    grids += [(p or {}).get("grid") or {} for p in (spec.get("parts") or {}).values()]
+    names = [
         name
-        for name, axis in (spec.get("grid") or {}).items()
+        for grid in grids
+        for name, axis in grid.items()
         if not set(axis.get("keys", [name])) & _CELL_KEYS
     ]
+    return list(dict.fromkeys(names))
 
 
 def collect(sweep_dir: str | Path) -> list[RunRow]:
@@ -133,9 +143,15 @@ def collect(sweep_dir: str | Path) -> list[RunRow]:
             alpha_mlp=float(norm["alpha_mlp"]),
             alpha_final=float(norm["alpha_final"]),
             seed=int(cfg["train"]["seed"]),
-            group=tuple((a, entry["axes"][a]) for a in group_axes),
+            group=tuple((a, entry["axes"][a]) for a in group_axes if a in entry["axes"]),
             exit_code=status.get("exit_code"),
             message=status.get("message", ""),
+            kind=str(norm.get("kind", "rmsnorm")),
+            squash=str(norm.get("squash", "tanh")),
+            part=entry.get("part"),
+            train_steps=int(cfg["train"]["train_steps"]),
+            tokens_per_step=int(cfg["train"]["global_batch_tokens"]),
+            seconds=status.get("seconds"),
         )
         for key, value in read_metrics(run_dir / "metrics.jsonl").items():
             setattr(row, key, value)
@@ -445,6 +461,9 @@ CSV_FIELDS = [
     "alpha_mlp",
     "alpha_final",
     "seed",
+    "kind",
+    "squash",
+    "part",
     "step",
     "final_train_loss",
     "final_valid_loss",
@@ -455,8 +474,8 @@ CSV_FIELDS = [
 ]
 
 
-def _csv_text(rows: list[RunRow]) -> str:
-    axes = list(rows[0].axes) if rows else []
+def csv_text(rows: list[RunRow]) -> str:
+    axes = list(dict.fromkeys(a for r in rows for a in r.axes))  # a study's parts differ
     # Grid axes come first, as the spec names them (a clash with a fixed column gets 'grid.').
     header = [f"grid.{a}" if a in CSV_FIELDS else a for a in axes]
     buf = io.StringIO()
@@ -472,6 +491,9 @@ def _csv_text(rows: list[RunRow]) -> str:
             "alpha_mlp": r.alpha_mlp,
             "alpha_final": r.alpha_final,
             "seed": r.seed,
+            "kind": r.kind,
+            "squash": r.squash,
+            "part": r.part,
             "step": r.step,
             "final_train_loss": r.final_train,
             "final_valid_loss": r.final_valid,
@@ -485,7 +507,7 @@ def _csv_text(rows: list[RunRow]) -> str:
             [
                 *cells[:3],
                 *(
-                    json.dumps(r.axes[a]) if isinstance(r.axes[a], list) else r.axes[a]
+                    json.dumps(r.axes[a]) if isinstance(r.axes.get(a), list) else r.axes.get(a, "")
                     for a in axes
                 ),
                 *("" if v is None else v for v in cells[3:]),
@@ -547,7 +569,7 @@ def write_report(
     width_tables = tables(rows, metric)
 
     csv_path = folder / "results.csv"
-    atomic_write(csv_path, _csv_text(rows))
+    atomic_write(csv_path, csv_text(rows))
 
     states: dict[str, int] = {}
     for r in rows:

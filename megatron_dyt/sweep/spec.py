@@ -18,6 +18,17 @@ and a grid of axes:
 
 Every combination of axis values is one run; every run's config is validated before anything
 runs, so a typo fails at once with the run's name.
+
+A study pools several grids that do not cross (an α₀ grid of DyT, the other norms, the squashing
+functions) into one sweep folder with `parts`: each part has its own `overrides`, `grid` and
+`name`, and the spec's own `grid` (e.g. the seeds) is crossed with every part, as the outer loop,
+so a sweep cut short has whole parts for its first seeds. Run names start with the part's name:
+
+    parts:
+      alpha: {grid: {width: ..., alpha_attn: ...}, name: "w{width}-a{alpha_attn}"}
+      norms: {grid: {model.norm.kind: [derf, rmsnorm]}}
+    grid: {seed: {keys: [train.seed], values: [1, 2, 3]}}
+    name: "{part}-{name}-s{seed}"                          # optional; default: part-axes
 """
 
 from __future__ import annotations
@@ -36,7 +47,8 @@ from megatron_dyt.config import Config, ConfigError, apply_overrides, config_fro
 from megatron_dyt.errors import MegatronDyTError
 from megatron_dyt.fileio import read_text
 
-SPEC_KEYS = ("base", "overrides", "grid", "name")
+SPEC_KEYS = ("base", "overrides", "grid", "name", "parts")
+PART_KEYS = ("overrides", "grid", "name")
 
 
 class SweepError(MegatronDyTError, ValueError):
@@ -68,23 +80,45 @@ class Axis:
 
 
 @dataclass
+class Part:
+    """One grid of a study (`parts`): its own overrides, axes and name template."""
+
+    name: str
+    overrides: dict[str, Any]
+    axes: list[Axis]
+    template: str | None = None
+
+
+def _grid_dict(axes: list[Axis]) -> dict[str, Any]:
+    return {a.name: {"keys": a.keys, "values": a.values} for a in axes}
+
+
+@dataclass
 class SweepSpec:
-    """A parsed spec; `source` names it in error messages."""
+    """A parsed spec; `source` names it in error messages. `axes` are the spec's own grid
+    (crossed with every part when there are `parts`)."""
 
     base: Path | None
     overrides: dict[str, Any]
     axes: list[Axis]
     name: str | None = None
     source: str = "(spec)"
+    parts: list[Part] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as YAML data, with the base config's path made absolute (sweep.yaml)."""
-        return {
+        out = {
             "base": str(self.base) if self.base else None,
             "overrides": self.overrides,
-            "grid": {a.name: {"keys": a.keys, "values": a.values} for a in self.axes},
+            "grid": _grid_dict(self.axes),
             "name": self.name,
         }
+        if self.parts:
+            out["parts"] = {
+                p.name: {"overrides": p.overrides, "grid": _grid_dict(p.axes), "name": p.template}
+                for p in self.parts
+            }
+        return out
 
 
 @dataclass
@@ -95,6 +129,7 @@ class Run:
     name: str
     axes: dict[str, Any]  # axis name -> label
     settings: dict[str, Any] = field(default_factory=dict)  # dotted config key -> value
+    part: str | None = None  # the study part it belongs to (None: a spec without parts)
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -133,13 +168,26 @@ def spec_from_dict(data: Any, folder: Path = Path("."), source: str = "(spec)") 
     overrides = data.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise ConfigError(f"sweep spec {source}: 'overrides' must map dotted keys to values")
+    parts = _parse_parts(data.get("parts"), source)
     grid = data.get("grid")
-    if not isinstance(grid, dict) or not grid:
+    if parts and grid is None:
+        grid = {}
+    if not isinstance(grid, dict) or (not grid and not parts):
         raise ConfigError(
             f"sweep spec {source}: 'grid' must map axes to value lists, e.g."
             " grid: {model.norm.alpha_attn: [0.5, 1.0]}"
         )
     axes = [_parse_axis(str(name), entry, source) for name, entry in grid.items()]
+    _one_axis_per_key(axes, source)
+    for part in parts:
+        _one_axis_per_key([*part.axes, *axes], source)
+    name = data.get("name")
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"sweep spec {source}: 'name' must be a template string")
+    return SweepSpec(base, dict(overrides), axes, name, source, parts)
+
+
+def _one_axis_per_key(axes: list[Axis], source: str) -> None:
     owner: dict[str, str] = {}
     for axis in axes:
         for key in axis.keys:
@@ -149,10 +197,38 @@ def spec_from_dict(data: Any, folder: Path = Path("."), source: str = "(spec)") 
                     f" {key}; one axis per key (tie keys into one axis with 'keys')"
                 )
             owner[key] = axis.name
-    name = data.get("name")
-    if name is not None and not isinstance(name, str):
-        raise ConfigError(f"sweep spec {source}: 'name' must be a template string")
-    return SweepSpec(base, dict(overrides), axes, name, source)
+
+
+def _parse_parts(parts: Any, source: str) -> list[Part]:
+    """A study's `parts`: name -> {overrides, grid, name}."""
+    if parts is None:
+        return []
+    if not isinstance(parts, dict) or not parts:
+        raise ConfigError(
+            f"sweep spec {source}: 'parts' must map part names to {{overrides, grid, name}}"
+        )
+    out = []
+    for part_name, entry in parts.items():
+        where = f"sweep spec {source}: parts.{part_name}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a mapping with a 'grid'")
+        unknown = sorted(set(entry) - set(PART_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(PART_KEYS)})"
+            )
+        overrides = entry.get("overrides") or {}
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{where}: 'overrides' must map dotted keys to values")
+        grid = entry.get("grid") or {}
+        if not isinstance(grid, dict):
+            raise ConfigError(f"{where}: 'grid' must map axes to value lists")
+        template = entry.get("name")
+        if template is not None and not isinstance(template, str):
+            raise ConfigError(f"{where}: 'name' must be a template string")
+        axes = [_parse_axis(str(n), e, f"{source} (part {part_name})") for n, e in grid.items()]
+        out.append(Part(str(part_name), dict(overrides), axes, template))
+    return out
 
 
 def _parse_axis(name: str, entry: Any, source: str) -> Axis:
@@ -182,22 +258,31 @@ def _parse_axis(name: str, entry: Any, source: str) -> Axis:
 
 
 def expand(spec: SweepSpec) -> list[Run]:
-    """The cartesian product of the grid's axes, in spec order (the last axis varies fastest)."""
-    runs = []
-    for index, combo in enumerate(itertools.product(*(a.values for a in spec.axes))):
-        settings = dict(spec.overrides)
-        axes = {}
-        for axis, value in zip(spec.axes, combo, strict=True):
-            settings.update(axis.settings(value))
-            axes[axis.name] = Axis.label(value)
-        runs.append(Run(index, _run_name(spec, axes), axes, settings))
+    """The cartesian product of the grid's axes, in spec order (the last axis varies fastest);
+    with `parts`, the spec's own axes are the outer loop and each part's grid the inner one."""
+    runs: list[Run] = []
+    for combo in itertools.product(*(a.values for a in spec.axes)):
+        for part in spec.parts or [None]:
+            part_axes = part.axes if part else []
+            for inner in itertools.product(*(a.values for a in part_axes)):
+                settings = dict(spec.overrides)
+                settings.update(part.overrides if part else {})
+                axes = {}
+                for axis, value in [
+                    *zip(part_axes, inner, strict=True),
+                    *zip(spec.axes, combo, strict=True),
+                ]:
+                    settings.update(axis.settings(value))
+                    axes[axis.name] = Axis.label(value)
+                name = _run_name(spec, axes, part)
+                runs.append(Run(len(runs), name, axes, settings, part.name if part else None))
     seen: dict[str, int] = {}
     for run in runs:
         if run.name in seen:
             raise ConfigError(
                 f"sweep spec {spec.source}: runs {seen[run.name]} and {run.index} are both named"
                 f" {run.name!r}; make the 'name' template use every axis"
-                f" ({', '.join(a.name for a in spec.axes)}), and give tied axes values whose"
+                f" ({', '.join(_axis_names(spec))}), and give tied axes values whose"
                 " first entries differ (names and reports show the first)"
             )
         seen[run.name] = run.index
@@ -211,7 +296,24 @@ def format_value(value: Any, fmt: str = "") -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _run_name(spec: SweepSpec, axes: dict[str, Any]) -> str:
+def _axis_names(spec: SweepSpec) -> list[str]:
+    names = [a.name for p in spec.parts for a in p.axes] + [a.name for a in spec.axes]
+    return list(dict.fromkeys(names))
+
+
+def _run_name(spec: SweepSpec, axes: dict[str, Any], part: Part | None = None) -> str:
+    """The run's name from the spec's template; in a study, the part's name and its own
+    template (if any) first, unless the spec's template places them with {part} and {name}."""
+    if part is not None:
+        inner = SweepSpec(None, {}, [a for a in part.axes], part.template, spec.source)
+        own = _run_name(inner, {a.name: axes[a.name] for a in part.axes}) if part.axes else ""
+        shared = {a.name: axes[a.name] for a in spec.axes}
+        if spec.name is None:
+            rest = _run_name(SweepSpec(None, {}, spec.axes, None, spec.source), shared)
+            name = "-".join(x for x in (part.name, own, rest if shared else "") if x)
+            return re.sub(r"[^A-Za-z0-9._=+-]", "_", name)
+        axes = {**axes, "part": part.name, "name": own}
+        spec = SweepSpec(None, {}, spec.axes, spec.name, spec.source)
     if spec.name is None:
         name = "-".join(f"{k.rpartition('.')[2]}{format_value(v)}" for k, v in axes.items())
     else:

@@ -46,16 +46,17 @@ def prepare(
         rel = Path("configs") / f"{run.name}.yaml"
         if write:
             atomic_write(sweep_dir / rel, cfg.to_yaml())
-        plan.append(
-            {
-                "index": run.index,
-                "name": run.name,
-                "axes": run.axes,
-                "config": str(rel),
-                "run_dir": str(Path("runs") / run.name),
-                "train_steps": cfg.train.train_steps,
-            }
-        )
+        entry = {
+            "index": run.index,
+            "name": run.name,
+            "axes": run.axes,
+            "config": str(rel),
+            "run_dir": str(Path("runs") / run.name),
+            "train_steps": cfg.train.train_steps,
+        }
+        if run.part is not None:  # a study's part (spec.py)
+            entry["part"] = run.part
+        plan.append(entry)
     if write:
         atomic_write(sweep_dir / "sweep.yaml", yaml.safe_dump(spec.to_dict(), sort_keys=False))
         atomic_write(sweep_dir / "plan.json", json.dumps(plan, indent=1) + "\n")
@@ -66,9 +67,14 @@ def load_plan(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """The plan `prepare` wrote; a folder without one is not a sweep folder."""
     path = Path(sweep_dir) / "plan.json"
     if not path.is_file():
+        hint = (
+            "; it is a run folder: `megatron-dyt report RUN` reports one run"
+            if (Path(sweep_dir) / "metrics.jsonl").is_file()
+            else ""
+        )
         raise SweepError(
             f"'{sweep_dir}' is not a sweep folder (no plan.json); create one with"
-            " `megatron-dyt sweep run SPEC.yaml --out DIR`"
+            f" `megatron-dyt sweep run SPEC.yaml --out DIR`{hint}"
         )
     return json.loads(path.read_text())
 
