@@ -292,3 +292,23 @@ def test_command_line_errors_are_one_line(run, tmp_path):
         )
         assert proc.returncode == 2, (args, proc.stderr[-3000:])
         assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"task: x\n\x80\x81", "is not UTF-8 text (byte 0x80 at offset 8)"),
+        (b"task: x\ndataset_path: [unclosed\n", "is not valid YAML (line 3, column 1: expected"),
+    ],
+)
+def test_a_damaged_task_file_of_an_include_path_is_named(tmp_path, content, message):
+    """lm-eval would skip it with a log line (and call the task unknown): one error instead."""
+    from megatron_dyt.errors import MegatronDyTError
+    from megatron_dyt.eval.run import task_manager
+
+    (tmp_path / "good.yaml").write_text("task: fine\nprocess_docs: !function utils.docs\n")
+    (tmp_path / "bad.yaml").write_bytes(content)
+    with pytest.raises(MegatronDyTError) as exc:
+        task_manager(tmp_path)
+    assert f"lm-eval task file '{tmp_path / 'bad.yaml'}'" in str(exc.value)
+    assert message in str(exc.value) and "\n" not in str(exc.value)

@@ -46,8 +46,33 @@ def task_manager(include_path: str | Path | None = None):
             raise EvalError(
                 f"include path '{folder}' is not a folder; give a folder of lm-eval task YAML files"
             )
+        _check_task_files(folder)
         paths.append(str(folder))
     return TaskManager(include_path=paths)
+
+
+class _TaskYamlLoader(yaml.SafeLoader):
+    """YAML as lm-eval writes task files: its `!function module.name` tags read as None."""
+
+
+_TaskYamlLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def _check_task_files(folder: Path) -> None:
+    """Every task file of an include path reads as YAML: lm-eval would skip a damaged one with
+    a log line, and the task would then be reported as unknown."""
+    from megatron_dyt.fileio import read_text
+
+    for path in sorted(folder.rglob("*.yaml")):
+        try:
+            yaml.load(read_text(path, "lm-eval task file"), Loader=_TaskYamlLoader)  # noqa: S506
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise EvalError(
+                f"lm-eval task file '{path}' is not valid YAML ({where}{problem})"
+            ) from None
 
 
 def check_datasets(names: list[str], manager) -> None:
