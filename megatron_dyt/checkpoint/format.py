@@ -139,31 +139,31 @@ def complete_tags(root: Path) -> list[str]:
     return sorted(tags, key=lambda t: read_complete(root / t)["step"])
 
 
-def latest_problem(root: Path) -> str | None:
-    """What is wrong with `root/latest` when it exists but names no complete checkpoint."""
+def _read_latest(root: Path) -> tuple[str | None, str | None]:
+    """(the tag `root/latest` names, when it is a complete checkpoint; what is wrong with
+    `latest` otherwise). Both None when there is no `latest`."""
     pointer = root / LATEST
     if not pointer.is_file():
-        return None
+        return None, None
     try:
         tag = pointer.read_text().strip()
     except UnicodeDecodeError:
-        return f"'{pointer}' is not text (damaged)"
+        return None, f"'{pointer}' is not text (damaged)"
     except OSError as exc:
-        return f"cannot read '{pointer}': {exc.strerror or exc}"
+        return None, f"cannot read '{pointer}': {exc.strerror or exc}"
     if not tag:
-        return f"'{pointer}' is empty"
+        return None, f"'{pointer}' is empty"
     if "/" in tag or tag in (".", "..") or not (root / tag / COMPLETE).is_file():
-        return f"'{pointer}' names {tag[:80]!r}, which is not a complete checkpoint here"
-    return None
+        return None, f"'{pointer}' names {tag[:80]!r}, which is not a complete checkpoint here"
+    return tag, None
 
 
 def find_latest(root: Path, notices: list[str] | None = None) -> str | None:
     """The tag to resume from: `latest` if it names a complete checkpoint, else the newest one.
     Falling back says why in one line: appended to `notices` when given, else a warning."""
-    problem = latest_problem(root)
-    pointer = root / LATEST
-    if pointer.is_file() and problem is None:
-        return pointer.read_text().strip()
+    tag, problem = _read_latest(root)
+    if tag is not None:
+        return tag
     tags = complete_tags(root)
     if problem is not None:
         message = problem + (
