@@ -30,7 +30,12 @@ from megatron_dyt.checkpoint.format import (
     tag_for,
 )
 from megatron_dyt.checkpoint.protocol import load, save
-from megatron_dyt.checkpoint.reader import FullWeights, rank_weights, read_full_state_dict
+from megatron_dyt.checkpoint.reader import (
+    FullWeights,
+    full_weights,
+    rank_weights,
+    read_full_state_dict,
+)
 from megatron_dyt.checkpoint.universal import load_universal, universal_of
 from megatron_dyt.checkpoint.writer import write_checkpoint
 
@@ -50,6 +55,7 @@ __all__ = [
     "read_complete",
     "read_config",
     "read_full_state_dict",
+    "full_weights",
     "read_tokenizer",
     "resolve",
     "save",

@@ -37,7 +37,7 @@ from megatron_dyt.fileio import read_text
 from megatron_dyt.layout import RunLayout
 from megatron_dyt.model.groups import group_key, is_trainable
 from megatron_dyt.model.sharding import (
-    fit_vocab_rows,
+    FittedVocab,
     layer_prefix,
     merge_shards,
     stage_layers,
@@ -90,12 +90,16 @@ def read_full_state_dict(
     `vocab_rows` rows (default: `cfg`'s padded vocabulary): the padding depends on the TP size,
     so a model built at another one needs other padding rows (no token maps to them).
     """
-    return fit_vocab_rows(_read_full(folder, cfg), vocab_rows or cfg.padded_vocab_size)
-
-
-def _read_full(folder: Path, cfg: Config) -> dict[str, torch.Tensor]:
-    weights = FullWeights(folder, cfg)
+    weights = full_weights(folder, cfg, vocab_rows)
     return {name: weights[name] for name in weights}
+
+
+def full_weights(
+    folder: Path, cfg: Config, vocab_rows: int | None = None
+) -> Mapping[str, torch.Tensor]:
+    """`read_full_state_dict` read lazily: each tensor is merged from its TP shards when asked
+    for (`FullWeights`), so exporting or loading a 70B model holds one full tensor at a time."""
+    return FittedVocab(FullWeights(folder, cfg), vocab_rows or cfg.padded_vocab_size)
 
 
 class FullWeights(Mapping[str, torch.Tensor]):
@@ -147,6 +151,9 @@ class FullWeights(Mapping[str, torch.Tensor]):
             return self._rank(stage, 0)[name]
         parts = [self._rank(stage, r)[name] for r in range(self.cfg.parallel.tensor)]
         return merge_shards(parts, split)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)

@@ -46,6 +46,14 @@ def _shard(name: str, tensor: torch.Tensor, rank: int, size: int) -> torch.Tenso
     return split_shard(tensor, split, rank, size).clone()
 
 
+def _read_layer(
+    module: torch.nn.Module, prefix: str, full: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The full tensors of one pipeline layer (read once from a lazy `full`, for every rank)."""
+    names = [prefix + k for k, v in module.state_dict().items() if torch.is_tensor(v)]
+    return {name: full[name] for name in names if name in full}
+
+
 def _stage_state(
     module: torch.nn.Module, prefix: str, full: Mapping[str, torch.Tensor], rank: int, size: int
 ) -> dict[str, Any]:
@@ -80,6 +88,9 @@ def write_checkpoint(
     """Write `full` (canonical names, TP=1) as step 0 of `run_dir/checkpoints`; returns the folder.
 
     Written under a temporary name and renamed into place, then `latest` is pointed at it.
+    `full` may be lazy (a tensor made when asked for, as an import's is): at PP>1 the writer
+    holds one pipeline layer's full tensors at a time; at PP=1 one TP rank's file, 1/TP of the
+    model, each rank reading `full` once.
     """
     from megatron_dyt.info import build_meta_model
 
@@ -105,18 +116,20 @@ def write_checkpoint(
             unit="file",
             disable=not progress,
         )
-        for rank in range(tp):
-            if pp == 1:
+        if pp == 1:  # one file per TP rank holds the whole model: each rank reads `full`
+            for rank in range(tp):
                 module = _stage_state(model, "", full, rank, tp)
                 torch.save(module_only_state(module, tp, client), tmp / model_file(rank))
                 bar.update(1)
-                continue
+        else:  # a file per layer and TP rank: each layer is read once, for all its ranks
             for index, (stage, prefix) in enumerate(stages):
-                state = _stage_state(stage, prefix, full, rank, tp)
-                torch.save(state, tmp / layer_file(index, rank))
-                bar.update(1)
-            for stage_index in range(pp):
-                mp_rank = stage_index * tp + rank
+                layer = _read_layer(stage, prefix, full)
+                for rank in range(tp):
+                    state = _stage_state(stage, prefix, layer, rank, tp)
+                    torch.save(state, tmp / layer_file(index, rank))
+                    bar.update(1)
+                del layer
+            for mp_rank in range(tp * pp):
                 torch.save(module_only_state(None, tp * pp, client), tmp / model_file(mp_rank))
         bar.close()
         saved = cfg

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -131,41 +132,88 @@ def _weight_files(hf_dir: Path) -> list[Path]:
     )
 
 
-def read_hf_weights(hf_dir: Path, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Every tensor of a HF folder, in fp32 on the CPU."""
-    from safetensors.torch import load_file
-    from tqdm import tqdm
+class HFWeights(Mapping[str, torch.Tensor]):
+    """The tensors of a HF folder by HF name, each read from its memory-mapped file when asked
+    for and returned in fp32: a reader holds the tensors it is using, never the whole model
+    (a 70B import or a 64-rank `train.init_from` would otherwise hold hundreds of GB per
+    process). `shapes` gives every tensor's shape without reading it.
 
-    out: dict[str, torch.Tensor] = {}
-    for path in tqdm(_weight_files(hf_dir), desc="read", unit="file", disable=not progress):
+    A tied output head (`tie_word_embeddings`) is served as its own tensor, the embeddings: our
+    model keeps the two separate. Rotary caches some old exports saved are left out (they are
+    recomputed from rope_theta).
+    """
+
+    def __init__(self, hf_dir: Path, hf: dict[str, Any]):
+        self.hf_dir = hf_dir
+        self.shapes: dict[str, list[int]] = {}
+        self._where: dict[str, Any] = {}  # name → open safetensors file or mmap'd state dict
+        for path in _weight_files(hf_dir):
+            try:
+                source = _open_weights(path)
+                names = source.keys()
+            except Exception as exc:
+                raise ConvertError(f"cannot read '{path}': {type(exc).__name__}: {exc}") from None
+            for name in names:
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                self._where[name] = (path, source)
+                self.shapes[name] = _shape(source, name)
+        self._alias: dict[str, str] = {}
+        head, embed = "lm_head.weight", "model.embed_tokens.weight"
+        if head not in self.shapes and embed in self.shapes:
+            if not hf.get("tie_word_embeddings", False):
+                raise ConvertError(f"'{hf_dir}': tensor '{head}' is missing")
+            warnings.warn(
+                "the HF model ties its output head to the embeddings (tie_word_embeddings=true);"
+                " our model keeps them separate: the head starts as a copy of the embeddings",
+                ConvertNotice,
+                stacklevel=3,
+            )
+            self._alias[head] = embed
+            self.shapes[head] = self.shapes[embed]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.shapes:
+            raise KeyError(name)
+        stored = self._alias.get(name, name)
+        path, source = self._where[stored]
         try:
-            if path.suffix == ".safetensors":
-                part = load_file(str(path))
-            else:
-                part = torch.load(path, map_location="cpu", weights_only=True)
+            tensor = source.get_tensor(stored) if hasattr(source, "get_tensor") else source[stored]
         except Exception as exc:
-            raise ConvertError(f"cannot read '{path}': {type(exc).__name__}: {exc}") from None
-        out.update({k: v.to(torch.float32) for k, v in part.items()})
-    # Rotary caches some old exports saved; they are recomputed from rope_theta.
-    return {k: v for k, v in out.items() if not k.endswith("rotary_emb.inv_freq")}
+            raise ConvertError(
+                f"cannot read tensor '{stored}' of '{path}': {type(exc).__name__}: {exc}"
+            ) from None
+        return tensor.to(torch.float32, copy=True)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.shapes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
 
 
-def untie_head(
-    weights: dict[str, torch.Tensor], hf: dict[str, Any], hf_dir: Path
-) -> dict[str, torch.Tensor]:
-    """A tied output head (`tie_word_embeddings`) as its own tensor, a copy of the embeddings:
-    our model keeps them separate."""
-    if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
-        if not hf.get("tie_word_embeddings", False):
-            raise ConvertError(f"'{hf_dir}': tensor 'lm_head.weight' is missing")
-        warnings.warn(
-            "the HF model ties its output head to the embeddings (tie_word_embeddings=true);"
-            " our model keeps them separate: the head starts as a copy of the embeddings",
-            ConvertNotice,
-            stacklevel=3,
-        )
-        weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
-    return weights
+def _open_weights(path: Path) -> Any:
+    """An open safetensors file, or a pytorch_model.bin's state dict memory-mapped (an old,
+    non-zip .bin is read whole: torch cannot map it)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        return safe_open(str(path), framework="pt", device="cpu")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _shape(source: Any, name: str) -> list[int]:
+    if hasattr(source, "get_slice"):
+        return list(source.get_slice(name).get_shape())
+    return list(source[name].shape)
 
 
 def target_config(
@@ -241,10 +289,13 @@ def _describe(hf_dir: Path, config: str | Path | None) -> str:
 
 
 def convert_norms(
-    full: dict[str, torch.Tensor], source: Config, target: Config
-) -> dict[str, torch.Tensor]:
-    """RMSNorm weights → DyT/Derf weights (γ kept, α = α₀ per site, β = 0, shift = s₀)."""
-    return {**full, **norm_conversion(source, target)}
+    full: Mapping[str, torch.Tensor], source: Config, target: Config
+) -> Mapping[str, torch.Tensor]:
+    """RMSNorm weights → DyT/Derf weights (γ kept, α = α₀ per site, β = 0, shift = s₀); `full`
+    is not read (a lazy mapping stays lazy)."""
+    from collections import ChainMap
+
+    return ChainMap(norm_conversion(source, target), full)
 
 
 def norm_conversion(source: Config, target: Config) -> dict[str, torch.Tensor]:
@@ -307,11 +358,10 @@ def import_from_hf(
     source, target = target_config(
         hf, hf_dir, tp=tp, pp=pp, config=config, overrides=overrides, norm=norm, name=name
     )
-    weights = untie_head(read_hf_weights(hf_dir, progress), hf, hf_dir)
-    rows = weights.get("model.embed_tokens.weight", torch.empty(0, 0)).shape[0]
+    weights = HFWeights(hf_dir, hf)
+    rows = weights.shapes.get("model.embed_tokens.weight", [0])[0]
     source_cfg = _with_vocab(source, target)
     full = from_hf_state_dict(weights, source_cfg, str(hf_dir))
-    del weights
     if norm is not None:
         full = convert_norms(full, source, target)
     if target.padded_vocab_size > rows:

@@ -16,14 +16,14 @@ Layouts (full, unsharded tensors; `out × in` like `nn.Linear`):
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
 from megatron_dyt.config import Config
 from megatron_dyt.errors import MegatronDyTError
-from megatron_dyt.model.sharding import fit_rows
+from megatron_dyt.model.sharding import fit_rows, is_vocab_tensor
 
 #: `model_type` of exports whose norms are not stock LLaMA's (custom modeling code).
 CUSTOM_MODEL_TYPE = "megatron_dyt_llama"
@@ -117,33 +117,81 @@ def expected_hf_shapes(cfg: Config) -> dict[str, list[int]]:
 # ---- tensors --------------------------------------------------------------------------------
 
 
-def to_hf_state_dict(full: Mapping[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
-    """Our full state dict (canonical names) → HF LLaMA tensors, in HF's usual order."""
+_FUSED = ("attention.qkv.weight", "mlp.gate_up.weight")
+
+
+def _layer_of(name: str) -> tuple[int, str] | None:
+    """`layers.7.mlp.down.weight` → (7, 'mlp.down.weight'); None outside the blocks."""
+    match = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+class _Lazy(Mapping[str, torch.Tensor]):
+    """A mapping whose tensors are made from another mapping's when asked for (a conversion
+    then holds a few tensors at a time, not two copies of the model). Subclasses fill
+    `self._names` and define `_make`."""
+
+    _names: dict[str, None]
+
+    def _make(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._make(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class _ToHF(_Lazy):
+    def __init__(self, full: Mapping[str, torch.Tensor], cfg: Config):
+        self.full, self.cfg = full, cfg
+        self._simple = {hf: ours for ours, hf in simple_names(cfg)}
+        self._names = dict.fromkeys(_hf_order(expected_hf_shapes(cfg)))
+        self._last: tuple[str, torch.Tensor] | None = None  # q, k and v share one qkv read
+
+    def _source(self, name: str) -> torch.Tensor:
+        if self._last is None or self._last[0] != name:
+            self._last = (name, self.full[name])
+        return self._last[1]
+
+    def _make(self, name: str) -> torch.Tensor:
+        if name in self._simple:
+            return self.full[self._simple[name]].contiguous()
+        m = self.cfg.model
+        d, kv, q_per_kv, h = m.head_dim, m.kv_heads, m.num_heads // m.kv_heads, m.hidden_size
+        layer, what = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name).groups()
+        if what.startswith("self_attn."):
+            groups = self._source(f"layers.{layer}.attention.qkv.weight").reshape(
+                kv, q_per_kv + 2, d, h
+            )
+            index = {"q_proj": slice(0, q_per_kv), "k_proj": q_per_kv, "v_proj": q_per_kv + 1}
+            return groups[:, index[what.split(".")[1]]].reshape(-1, h).contiguous()
+        gate, up = self._source(f"layers.{layer}.mlp.gate_up.weight").chunk(2, dim=0)
+        return (gate if what == "mlp.gate_proj.weight" else up).contiguous()
+
+
+def to_hf_state_dict(full: Mapping[str, torch.Tensor], cfg: Config) -> Mapping[str, torch.Tensor]:
+    """Our full state dict (canonical names) → HF LLaMA tensors, in HF's usual order; each is
+    made when asked for, `full` read a tensor at a time."""
     m = cfg.model
-    d, kv, q_per_kv = m.head_dim, m.kv_heads, m.num_heads // m.kv_heads
-    out: dict[str, torch.Tensor] = {}
-    missing = [ours for ours, _ in simple_names(cfg) if ours not in full]
+    wanted = [ours for ours, _ in simple_names(cfg)]
+    wanted += [f"layers.{i}.{name}" for i in range(m.num_layers) for name in _FUSED]
+    missing = [ours for ours in wanted if ours not in full]
     if missing:
         raise ConvertError(f"tensor '{missing[0]}' is missing from the checkpoint")
-    for ours, hf in simple_names(cfg):
-        out[hf] = full[ours]
-    for i in range(m.num_layers):
-        ours, hf = f"layers.{i}.", f"model.layers.{i}."
-        for name in ("attention.qkv.weight", "mlp.gate_up.weight"):
-            if ours + name not in full:
-                raise ConvertError(f"tensor '{ours + name}' is missing from the checkpoint")
-        qkv = full[ours + "attention.qkv.weight"]
-        groups = qkv.reshape(kv, q_per_kv + 2, d, m.hidden_size)
-        out[hf + "self_attn.q_proj.weight"] = groups[:, :q_per_kv].reshape(-1, m.hidden_size)
-        out[hf + "self_attn.k_proj.weight"] = groups[:, q_per_kv].reshape(-1, m.hidden_size)
-        out[hf + "self_attn.v_proj.weight"] = groups[:, q_per_kv + 1].reshape(-1, m.hidden_size)
-        gate, up = full[ours + "mlp.gate_up.weight"].chunk(2, dim=0)
-        out[hf + "mlp.gate_proj.weight"] = gate
-        out[hf + "mlp.up_proj.weight"] = up
-    return {k: out[k].contiguous() for k in _hf_order(out)}
+    return _ToHF(full, cfg)
 
 
-def _hf_order(names: Mapping[str, Any]) -> list[str]:
+def _hf_order(names: Iterable[str]) -> list[str]:
     """Embedding, then layer by layer, then the final norm and head (nice shard boundaries)."""
 
     def key(name: str) -> tuple:
@@ -155,21 +203,47 @@ def _hf_order(names: Mapping[str, Any]) -> list[str]:
     return sorted(names, key=key)
 
 
+class _FromHF(_Lazy):
+    def __init__(self, hf: Mapping[str, torch.Tensor], cfg: Config):
+        self.hf, self.cfg = hf, cfg
+        self._simple = dict(simple_names(cfg))
+        fused = [f"layers.{i}.{name}" for i in range(cfg.model.num_layers) for name in _FUSED]
+        self._names = dict.fromkeys([*self._simple, *fused])
+
+    def _make(self, name: str) -> torch.Tensor:
+        if name in self._simple:
+            tensor = self.hf[self._simple[name]]
+            return fit_rows(tensor, self.cfg.padded_vocab_size) if is_vocab_tensor(name) else tensor
+        m = self.cfg.model
+        d, kv, q_per_kv, h = m.head_dim, m.kv_heads, m.num_heads // m.kv_heads, m.hidden_size
+        layer, what = _layer_of(name)
+        hf = f"model.layers.{layer}."
+        if what == "attention.qkv.weight":
+            q = self.hf[hf + "self_attn.q_proj.weight"].reshape(kv, q_per_kv, d, h)
+            k = self.hf[hf + "self_attn.k_proj.weight"].reshape(kv, 1, d, h)
+            v = self.hf[hf + "self_attn.v_proj.weight"].reshape(kv, 1, d, h)
+            return torch.cat([q, k, v], dim=1).reshape(-1, h)
+        return torch.cat([self.hf[hf + "mlp.gate_proj.weight"], self.hf[hf + "mlp.up_proj.weight"]])
+
+
 def from_hf_state_dict(
     hf: Mapping[str, torch.Tensor], cfg: Config, source: str
-) -> dict[str, torch.Tensor]:
-    """HF LLaMA tensors → our full state dict for `cfg`; shapes checked against `cfg`.
+) -> Mapping[str, torch.Tensor]:
+    """HF LLaMA tensors → our full state dict for `cfg`, each tensor made when asked for.
 
-    The vocabulary tensors get `cfg.padded_vocab_size` rows: padded with zeros, or cut when the
-    source was padded for another TP size (rows past `model.vocab_size` match no token).
+    The shapes are checked against `cfg` here, before anything is read (from `hf.shapes` where
+    the mapping has them, as `HFWeights` does). The vocabulary tensors get
+    `cfg.padded_vocab_size` rows: padded with zeros, or cut when the source was padded for
+    another TP size (rows past `model.vocab_size` match no token).
     """
     m = cfg.model
+    shapes = getattr(hf, "shapes", None) or {k: list(v.shape) for k, v in hf.items()}
     expected = expected_hf_shapes(cfg)
     vocab_rows = {"model.embed_tokens.weight", "lm_head.weight"}
     for name, shape in expected.items():
-        if name not in hf:
+        if name not in shapes:
             raise ConvertError(f"{source}: tensor '{name}' is missing")
-        got = list(hf[name].shape)
+        got = list(shapes[name])
         ok = got == shape
         if name in vocab_rows:  # every token needs a row; padding rows are fitted below
             ok = got[1:] == shape[1:] and got[0] >= m.vocab_size
@@ -178,28 +252,14 @@ def from_hf_state_dict(
                 f"{source}: tensor '{name}' has shape {got}, the target config expects"
                 f" {shape}{_shape_hint(name, cfg)}"
             )
-    extra = sorted(set(hf) - set(expected))
+    extra = sorted(set(shapes) - set(expected))
     if extra:
         raise ConvertError(
             f"{source}: tensor '{extra[0]}' has no place in the target model"
             f" (model.norm.kind={m.norm.kind!r}, beta={m.norm.beta},"
             f" embedding_scale={m.embedding_scale}); {len(extra)} such tensor(s)"
         )
-    full: dict[str, torch.Tensor] = {}
-    for ours, name in simple_names(cfg):
-        tensor = hf[name]
-        full[ours] = fit_rows(tensor, cfg.padded_vocab_size) if name in vocab_rows else tensor
-    d, kv, q_per_kv, h = m.head_dim, m.kv_heads, m.num_heads // m.kv_heads, m.hidden_size
-    for i in range(m.num_layers):
-        ours, name = f"layers.{i}.", f"model.layers.{i}."
-        q = hf[name + "self_attn.q_proj.weight"].reshape(kv, q_per_kv, d, h)
-        k = hf[name + "self_attn.k_proj.weight"].reshape(kv, 1, d, h)
-        v = hf[name + "self_attn.v_proj.weight"].reshape(kv, 1, d, h)
-        full[ours + "attention.qkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, h)
-        full[ours + "mlp.gate_up.weight"] = torch.cat(
-            [hf[name + "mlp.gate_proj.weight"], hf[name + "mlp.up_proj.weight"]]
-        )
-    return full
+    return _FromHF(hf, cfg)
 
 
 def _shape_hint(name: str, cfg: Config) -> str:

@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -60,18 +61,44 @@ def parse_size(text: str | int) -> int:
     return value
 
 
-def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
-    """Consecutive groups of tensor names of at most `limit` bytes (a bigger tensor goes alone)."""
-    groups: list[list[str]] = [[]]
-    size = 0
-    for name, tensor in tensors.items():
+def _write_shards(
+    hf: Mapping[str, torch.Tensor], dtype: torch.dtype, limit: int, out: Path, progress: bool
+) -> None:
+    """Write `hf` (made a tensor at a time) as safetensors files of at most `limit` bytes each
+    (a bigger tensor goes alone), in order, holding one file's tensors at a time; more than one
+    file get HF's `model-0000i-of-0000n` names and `model.safetensors.index.json`."""
+    from safetensors.torch import save_file
+
+    parts: list[tuple[Path, list[str]]] = []
+    group: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        path = out / f".part-{len(parts):05d}.safetensors"
+        save_file(group, str(path), metadata={"format": "pt"})
+        parts.append((path, list(group)))
+        group.clear()
+
+    for name in tqdm(hf, desc="safetensors", unit="tensor", disable=not progress):
+        tensor = hf[name].to(dtype).contiguous()
         nbytes = tensor.numel() * tensor.element_size()
-        if groups[-1] and size + nbytes > limit:
-            groups.append([])
+        if group and size + nbytes > limit:
+            flush()
             size = 0
-        groups[-1].append(name)
+        group[name] = tensor
         size += nbytes
-    return groups
+        total += nbytes
+    flush()
+    if len(parts) == 1:
+        parts[0][0].rename(out / "model.safetensors")
+        return
+    weight_map = {}
+    for i, (path, names) in enumerate(parts):
+        final = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+        path.rename(out / final)
+        weight_map.update(dict.fromkeys(names, final))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def special_token_ids(tokenizer: Tokenizer | None) -> dict[str, int]:
@@ -178,8 +205,6 @@ def export_to_hf(
     progress: bool = True,
 ) -> Path:
     """Merge a checkpoint's TP shards, PP stages (and ZeRO partitions) into a HF folder."""
-    from safetensors.torch import save_file
-
     from megatron_dyt import checkpoint as ckpt
 
     if dtype not in DTYPES:
@@ -190,31 +215,13 @@ def export_to_hf(
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ConvertError(f"output '{out}' exists and is not empty; pass --force to replace it")
     cfg = ckpt.read_config(folder)
-    full = ckpt.read_full_state_dict(folder, cfg)
-    full = {k: v for k, v in full.items() if torch.is_tensor(v)}
-    hf = to_hf_state_dict(full, cfg)
-    del full
+    # tensor by tensor: the export holds one safetensors file's tensors, not the model
+    hf = to_hf_state_dict(ckpt.full_weights(folder, cfg), cfg)
     torch_dtype = DTYPES[dtype]
-    hf = {k: v.to(torch_dtype).contiguous() for k, v in hf.items()}
 
     tmp = prepare_out_dir(out, force)
     try:
-        groups = _shards(hf, limit)
-        names = (
-            ["model.safetensors"]
-            if len(groups) == 1
-            else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-        )
-        weight_map = {}
-        for group, name in tqdm(
-            list(zip(groups, names, strict=True)), desc="safetensors", disable=not progress
-        ):
-            save_file({k: hf[k] for k in group}, str(tmp / name), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(group, name))
-        if len(groups) > 1:
-            total = sum(t.numel() * t.element_size() for t in hf.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        _write_shards(hf, torch_dtype, limit, tmp, progress)
         config = hf_config(cfg, torch_dtype)
         step = ckpt.read_complete(folder).get("step")
         config["megatron_dyt_source"] = {"checkpoint": str(folder), "step": step}

@@ -161,8 +161,7 @@ def load_module(
         load_local_state_dict(module, shard)
         del shard
     else:
-        full = ckpt.read_full_state_dict(folder, saved, vocab_rows=cfg.padded_vocab_size)
-        load_full_state_dict(module, full)
-        del full
+        # read tensor by tensor: each rank takes its stage's slices, never the whole model
+        load_full_state_dict(module, ckpt.full_weights(folder, saved, cfg.padded_vocab_size))
     module = module.to(device=where, dtype=torch_dtype).eval()
     return Loaded(folder, cfg, module, where, torch_dtype)

@@ -16,6 +16,7 @@ match no token and are zero at initialisation. Everything not in the table is re
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -71,9 +72,25 @@ def fit_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
 
 
-def fit_vocab_rows(full: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
-    """`full` (canonical names) with its vocabulary tensors cut or zero-padded to `rows` rows."""
-    return {k: fit_rows(v, rows) if is_vocab_tensor(k) else v for k, v in full.items()}
+class FittedVocab(Mapping[str, torch.Tensor]):
+    """`full` (canonical names) with its vocabulary tensors cut or zero-padded to `rows` rows
+    when they are asked for: nothing is read until then, so a lazy `full` stays lazy."""
+
+    def __init__(self, full: Mapping[str, torch.Tensor], rows: int):
+        self.full, self.rows = full, rows
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = self.full[name]
+        return fit_rows(tensor, self.rows) if is_vocab_tensor(name) else tensor
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.full
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.full)
+
+    def __len__(self) -> int:
+        return len(self.full)
 
 
 def split_shard(full: torch.Tensor, split: TPSplit, rank: int, size: int) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """`train.init_from`: a fresh run that starts from another model's weights.
 
-The source is a checkpoint of ours at any layout (read tensor by tensor, memory-mapped:
-`checkpoint.FullWeights`) or a Hugging Face LLaMA folder (read whole, in fp32, by every rank:
-for a large model, `convert from-hf` it once and point init_from at that checkpoint). Each rank
-copies its own TP slice of its pipeline stage's tensors into the model before DeepSpeed
-wraps it; the optimizer, the lr schedule and the data position start fresh (step 0). With
+The source is a checkpoint of ours at any layout (`checkpoint.FullWeights`) or a Hugging Face
+LLaMA folder (`convert.from_hf.HFWeights`); both are read tensor by tensor from memory-mapped
+files, so each rank reads only its own pipeline stage's tensors and holds one full tensor at a
+time, however large the model. Each rank copies its own TP slice of those tensors into the
+model before DeepSpeed wraps it; the optimizer, the lr schedule and the data position start fresh (step 0). With
 `train.init_from_convert_norms` an RMSNorm source becomes a DyT/Derf model, as `convert from-hf
 --norm` converts it. The source must have this run's shapes: a difference is one error naming
 the tensor and both shapes.
@@ -13,7 +13,6 @@ the tensor and both shapes.
 from __future__ import annotations
 
 import json
-from collections import ChainMap
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 
 from megatron_dyt.config import Config, config_from_dict
 from megatron_dyt.errors import MegatronDyTError, WeightsError
-from megatron_dyt.model.sharding import fit_rows, is_vocab_tensor
+from megatron_dyt.model.sharding import FittedVocab
 
 
 class InitFromError(MegatronDyTError, ValueError):
@@ -52,7 +51,7 @@ def _is_hf_folder(path: Path) -> bool:
 
 
 def open_source(path: str | Path) -> InitSource:
-    """The weights `train.init_from` names, not yet read (ours) or read (Hugging Face)."""
+    """The weights `train.init_from` names, not yet read."""
     path = Path(path)
     if not path.exists():
         raise InitFromError(
@@ -76,7 +75,7 @@ def open_source(path: str | Path) -> InitSource:
 
 
 def _hf_source(path: Path) -> InitSource:
-    from megatron_dyt.convert.from_hf import read_hf_config, read_hf_weights, untie_head
+    from megatron_dyt.convert.from_hf import HFWeights, read_hf_config
     from megatron_dyt.convert.mapping import OUR_CONFIG_KEY, model_section_from_hf
 
     hf = read_hf_config(path)
@@ -84,7 +83,7 @@ def _hf_source(path: Path) -> InitSource:
     model = hf[OUR_CONFIG_KEY]["model"] if OUR_CONFIG_KEY in hf else model_section_from_hf(hf)
     return InitSource(
         path=path,
-        weights=untie_head(read_hf_weights(path, progress=False), hf, path),
+        weights=HFWeights(path, hf),
         norm=model["norm"],
         embedding_scale=bool(model.get("embedding_scale", False)),
         vocab_size=int(model["vocab_size"]),
@@ -135,28 +134,10 @@ def canonical_weights(source: InitSource, cfg: Config) -> Mapping[str, torch.Ten
 
         weights = from_hf_state_dict(weights, source_cfg, f"train.init_from {source.describe()}")
     if convert:
-        from megatron_dyt.convert.from_hf import norm_conversion
+        from megatron_dyt.convert.from_hf import convert_norms
 
-        weights = ChainMap(norm_conversion(source_cfg, cfg), weights)
-    return _FittedVocab(weights, cfg.padded_vocab_size)
-
-
-class _FittedVocab(Mapping[str, torch.Tensor]):
-    """A mapping whose vocabulary tensors are cut or zero-padded to `rows` on access (the
-    padding depends on the TP size; real rows are never cut, the vocabularies being equal)."""
-
-    def __init__(self, base: Mapping[str, torch.Tensor], rows: int):
-        self.base, self.rows = base, rows
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        tensor = self.base[name]
-        return fit_rows(tensor, self.rows) if is_vocab_tensor(name) else tensor
-
-    def __iter__(self):
-        return iter(self.base)
-
-    def __len__(self) -> int:
-        return len(self.base)
+        weights = convert_norms(weights, source_cfg, cfg)
+    return FittedVocab(weights, cfg.padded_vocab_size)
 
 
 def check_names(weights: Mapping[str, torch.Tensor], cfg: Config, source: InitSource) -> None:
