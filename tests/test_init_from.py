@@ -92,12 +92,33 @@ def test_init_from_starts_fresh_from_the_weights(corpus, source, expected_first_
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
-def test_init_from_at_another_layout(corpus, source, expected_first_loss, tmp_path, tp, pp):
-    """Source saved at DP1 (one process); the new run at TP=2 or PP=2 on 2 processes."""
-    cfg = train_dict(corpus, tp=tp, pp=pp, zero=1, train_steps=2, init_from=str(source))
+@pytest.mark.parametrize(
+    "tp, pp, zero", [(2, 1, 1), (1, 2, 1), (1, 1, 3)], ids=["tp2", "pp2", "dp2-zero3"]
+)
+def test_init_from_at_another_layout(corpus, source, expected_first_loss, tmp_path, tp, pp, zero):
+    """Source saved at DP1 ZeRO-1 (one process); the new run at TP=2, PP=2 or DP=2 with ZeRO-3
+    (its parameters partitioned as they are built, before the weights are loaded) on 2
+    processes."""
+    cfg = train_dict(corpus, tp=tp, pp=pp, zero=zero, train_steps=2, init_from=str(source))
     ranks = distributed.run(train_worker, 2, cfg, str(tmp_path / "run"), 1, tmp_path=tmp_path)
-    assert ranks[0]["losses"][1] == pytest.approx(expected_first_loss, rel=1e-5)
+    for r in ranks:
+        assert r["losses"][1] == pytest.approx(expected_first_loss, rel=1e-5)
+
+
+@pytest.mark.distributed
+def test_init_from_a_zero3_checkpoint(corpus, expected_first_loss, tmp_path):
+    """Source saved by a DP=2 ZeRO-3 run (flat partitions, read whole); the new run at DP1
+    ZeRO-1 in one process."""
+    src = train_dict(corpus, zero=3, train_steps=3)  # the `source` run, at DP=2 with ZeRO-3
+    distributed.run(train_worker, 2, src, str(tmp_path / "src"), tmp_path=tmp_path / "s")
+    assert ckpt.saved_layout(ckpt.resolve(tmp_path / "src")).zero_stage == 3
+    cfg = train_dict(corpus, train_steps=2, init_from=str(tmp_path / "src"))
+    expected = distributed.run(_source_loss, 1, cfg, str(tmp_path / "src"), tmp_path=tmp_path)[0]
+    first = distributed.run(train_worker, 1, cfg, str(tmp_path / "run"), 1, tmp_path=tmp_path)
+    assert first[0]["losses"][1] == pytest.approx(expected, rel=1e-5)
+    # ZeRO-3 at DP=2 trains as ZeRO-1 at DP=1 does (test_training): the same weights as the
+    # `source` run's, which a reader of ZeRO-3 checkpoints that mixed tensors up would not give
+    assert expected == pytest.approx(expected_first_loss, rel=1e-5)
 
 
 # ---- loading, without the trainer --------------------------------------------------------------

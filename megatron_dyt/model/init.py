@@ -144,23 +144,29 @@ def _draw_shard(
 def load_full_state_dict(
     root: nn.Module, full: Mapping[str, torch.Tensor], strict: bool = True
 ) -> None:
-    """Copy full (TP=1) tensors into this rank's parameters, slicing TP-sharded ones."""
+    """Copy full (TP=1) tensors into this rank's parameters, slicing TP-sharded ones;
+    ZeRO-3-partitioned parameters are gathered one unit at a time, as `init_weights` does
+    (every rank holds the same `full`)."""
     rank, size = tp_rank(), tp_size()
-    for name, param in canonical_parameters(root):
-        if name not in full:
-            if strict:
-                raise WeightsError(f"tensor '{name}' is missing from the state dict")
-            continue
-        tensor = full[name]
-        expected = full_shape(name, param.shape, size)
-        if list(tensor.shape) != expected:
-            raise WeightsError(
-                f"tensor '{name}' has shape {list(tensor.shape)}, the model expects {expected}"
-            )
-        split = tp_split(name)
-        if split is not None:
-            tensor = split_shard(tensor, split, rank, size)
-        param.copy_(tensor)
+    for prefix, unit in _units(root):
+        with _writable(unit):
+            for local, param in unit.named_parameters():
+                name = prefix + local
+                if name not in full:
+                    if strict:
+                        raise WeightsError(f"tensor '{name}' is missing from the state dict")
+                    continue
+                tensor = full[name]
+                expected = full_shape(name, param.shape, size)
+                if list(tensor.shape) != expected:
+                    raise WeightsError(
+                        f"tensor '{name}' has shape {list(tensor.shape)}, the model expects"
+                        f" {expected}"
+                    )
+                split = tp_split(name)
+                if split is not None:
+                    tensor = split_shard(tensor, split, rank, size)
+                param.copy_(tensor)
 
 
 @torch.no_grad()
