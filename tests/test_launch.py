@@ -519,8 +519,11 @@ def test_a_sweep_run_on_two_nodes_equals_a_local_run(cluster, corpus, reference,
 @pytest.mark.slurm
 def test_sweep_as_a_job_array_with_a_preempted_task(cluster, corpus, tmp_path):
     """`sweep run --slurm` on the cluster: one array task is signalled mid-run, checkpoints,
-    requeues itself and resumes; every run finishes and `sweep report` writes its files."""
-    base = job_config(corpus, train_steps=30)
+    requeues itself and resumes; every run finishes and `sweep report` writes its files.
+    The runs are long enough (~0.1 s a step) that task 0 is still training when the signal
+    lands: with 30 steps it could finish first on a loaded machine."""
+    steps = 100
+    base = job_config(corpus, train_steps=steps)
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     spec = tmp_path / "spec.yaml"
     grid = {"model.norm.alpha_attn": [0.5, 1.0], "model.norm.alpha_mlp": [0.3, 0.6]}
@@ -546,8 +549,8 @@ def test_sweep_as_a_job_array_with_a_preempted_task(cluster, corpus, tmp_path):
     for entry in plan:
         run_dir = out / entry["run_dir"]
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-        steps = [r["step"] for r in records if "event" not in r]  # not the checkpoint events
-        assert steps == list(range(1, 31)), entry["name"]  # task 0: none lost or repeated
+        done = [r["step"] for r in records if "event" not in r]  # not the checkpoint events
+        assert done == list(range(1, steps + 1)), entry["name"]  # task 0: none lost or repeated
         assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
     report = subprocess.run([*CLI, "sweep", "report", str(out)], capture_output=True, text=True)
     assert report.returncode == 0, report.stderr
